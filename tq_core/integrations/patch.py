@@ -1,0 +1,61 @@
+"""``tq_core.patch(model, ...)`` / ``tq_core.unpatch(model)`` for transformers and mlx-lm models."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import CacheConfig
+
+_ATTR = "_tq_patched"
+
+
+def _integration(model):
+    mod = type(model).__module__
+    if mod.startswith("mlx") or "mlx.core" in sys.modules and _is_mlx(model):
+        from . import mlx_lm
+
+        return mlx_lm
+    if "transformers" in sys.modules:
+        from . import hf
+
+        if hf.is_model(model):
+            return hf
+    raise TypeError(f"model must be a transformers PreTrainedModel or an mlx-lm model, "
+                    f"got {type(model).__name__}")
+
+
+def _is_mlx(model) -> bool:
+    import mlx.nn as nn
+
+    return isinstance(model, nn.Module)
+
+
+def patch(model, bits_k: int = 4, bits_v: int = 2, **fields):
+    """Make the host library's normal generate use a compressed TurboQuant cache.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` or an mlx-lm model.
+        bits_k, bits_v, **fields: the ``CacheConfig`` (sinks, window, seed, norm_correction).
+    Returns the model. Patching a patched model replaces its config.
+    """
+    config = CacheConfig(bits_k=bits_k, bits_v=bits_v, **fields)
+    integration = _integration(model)
+    if getattr(model, _ATTR, None) is not None:
+        unpatch(model)
+    integration.patch(model, config)
+    object.__setattr__(model, _ATTR, config)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`; a model that is not patched is returned unchanged."""
+    if getattr(model, _ATTR, None) is None:
+        return model
+    _integration(model).unpatch(model)
+    object.__delattr__(model, _ATTR)
+    return model
+
+
+def patched_config(model) -> CacheConfig | None:
+    """The ``CacheConfig`` a model is patched with, or ``None``."""
+    return getattr(model, _ATTR, None)

@@ -1,0 +1,135 @@
+"""mlx primitives for the codec (Metal on Apple silicon, CPU elsewhere)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+NAME = "mlx"
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+float32, float16, uint8, int64 = mx.float32, mx.float16, mx.uint8, mx.int64
+_CONST: dict = {}
+float64 = mx.float64
+
+
+def max_all(x) -> float:
+    return float(mx.max(x).item())
+
+
+def device_key(x):
+    return str(mx.default_device())
+
+
+def const(arr: np.ndarray, like, dtype):
+    key = (id(arr), dtype)
+    hit = _CONST.get(key)
+    if hit is None or hit[0] is not arr:
+        hit = (arr, mx.array(np.ascontiguousarray(arr), dtype=dtype))
+        _CONST[key] = hit
+    return hit[1]
+
+
+def is_float(x):
+    return x.dtype in FLOAT_DTYPES
+
+
+def astype(x, dtype):
+    return x.astype(dtype)
+
+
+def all_finite(x):
+    return bool(mx.all(mx.isfinite(x)).item())
+
+
+def sum_sq(x):
+    return mx.sum(x * x, axis=-1)
+
+
+def sqrt(x):
+    return mx.sqrt(x)
+
+
+def maximum(x, v: float):
+    return mx.maximum(x, v)
+
+
+def matmul(a, b):
+    return a @ b
+
+
+def bucketize(y, boundaries):
+    """Code = number of boundaries strictly below y (same rule on every backend)."""
+    return mx.searchsorted(boundaries, y, side="left")
+
+
+def take(table, idx):
+    return mx.take(table, idx)
+
+
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+def concat(xs, axis):
+    return mx.concatenate(xs, axis=axis)
+
+
+def pad_last(x, n: int):
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, n)]
+    return mx.pad(x, widths)
+
+
+def zeros(shape, dtype, like):
+    return mx.zeros(shape, dtype=dtype)
+
+
+def arange(n: int, dtype, like):
+    return mx.arange(n, dtype=dtype)
+
+
+def sum_last(x):
+    return mx.sum(x, axis=-1)
+
+
+def stack_last(xs):
+    return mx.stack(xs, axis=-1)
+
+
+def shift_left(x, s):
+    return mx.left_shift(x, s)
+
+
+def shift_right(x, s):
+    return mx.right_shift(x, s)
+
+
+def bit_and(x, m):
+    return mx.bitwise_and(x, m)
+
+
+def bit_or(x, y):
+    return mx.bitwise_or(x, y)
+
+
+def norm(x):
+    return mx.sqrt(mx.sum(x * x, axis=-1))
+
+
+def take_rows(table, idx):
+    return mx.take(table, idx.astype(mx.uint32))
+
+
+def nbytes(x) -> int:
+    return x.nbytes
+
+
+def to_numpy(x):
+    return np.array(x)
+
+
+def select_batch(x, idx):
+    return mx.take(x, idx, axis=0)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("mlx.core.", "")

@@ -1,0 +1,138 @@
+"""TurboQuant codec: the only algorithm file.
+
+encode(x):  n = |x|;  y = (x / n) @ R.T;  code_i = #{boundaries < y_i};  pack codes to ``bits`` bits;
+            store n (or, with norm correction, n / |c[code]|) in fp16.
+decode:     x_hat = s * (c[code] @ R)
+
+R is a seeded Haar rotation (``rotation.haar``); c and the boundaries are the Lloyd-Max codebook of
+the coordinate density of a random unit vector in R^dim (``codebook.load``), so no calibration
+data is needed. Inputs containing NaN or Inf raise ``ValueError`` (they would poison the stored
+norm silently otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import codebook as _codebook
+from . import packing, rotation
+from .config import check_bits
+from .ops import for_array
+
+FP16_MAX = 65504.0
+_PRECISIONS = ("float32", "float64")
+
+
+@dataclass
+class Encoded:
+    """Vectors as stored: packed codes and fp16 norms, nothing else.
+
+    codes: (..., packed_size(dim, bits)) uint8;  norms: (...,) float16.
+    ``nbytes`` is the memory these arrays actually hold.
+    """
+
+    codes: object
+    norms: object
+    dim: int
+    bits: int
+    dtype: object
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of the decoded array, ``(..., dim)``."""
+        return tuple(self.norms.shape) + (self.dim,)
+
+    @property
+    def nbytes(self) -> int:
+        ops = for_array(self.codes)
+        return ops.nbytes(self.codes) + ops.nbytes(self.norms)
+
+
+class TurboQuantizer:
+    """Data-oblivious vector quantizer for vectors of length ``dim`` at ``bits`` bits per channel.
+
+    Args:
+        dim: vector length (head_dim), >= 2.
+        bits: code bits per channel, 1..8.
+        seed: rotation seed (non-negative int).
+        norm_correction: store ``|x| / |c[code]|`` instead of ``|x|`` so that decoded vectors keep
+            the original norm.
+        precision: "float32" (default) or "float64" for the rotation; float64 makes codes
+            bit-identical across backends on CPU (float32 matmuls of different libraries can
+            round a coordinate to the other side of a decision boundary).
+    """
+
+    def __init__(self, dim: int, bits: int, seed: int = 0, *, norm_correction: bool = True,
+                 precision: str = "float32"):
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int >= 2, got {type(dim).__name__} {dim!r}")
+        if dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim}")
+        check_bits("bits", bits)
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        self.dim, self.bits, self.seed = dim, bits, seed
+        self.norm_correction = bool(norm_correction)
+        self.precision = precision
+        self.codebook = _codebook.load(dim, bits)
+        r = rotation.haar(dim, seed)
+        self._rot_t = np.ascontiguousarray(r.T)
+        self._rot = r
+        self._centroids = self.codebook.centroids
+        self._boundaries = self.codebook.boundaries.astype(np.float32)
+        self.code_bytes = packing.packed_size(dim, bits)
+
+    def __repr__(self) -> str:
+        return (f"TurboQuantizer(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
+                f"norm_correction={self.norm_correction})")
+
+    def bytes_per_vector(self) -> int:
+        """Bytes one encoded vector holds: packed codes + one fp16 norm."""
+        return self.code_bytes + 2
+
+    def _check(self, x, ops):
+        if not ops.is_float(x):
+            allowed = ", ".join(ops.dtype_name(d) for d in ops.FLOAT_DTYPES)
+            raise TypeError(f"x must have a floating dtype ({allowed}), got {x.dtype}")
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x.shape[-1] must equal dim={self.dim}, got shape {tuple(x.shape)}")
+        if int(np.prod(x.shape)) == 0:
+            raise ValueError(f"x must hold at least one vector, got shape {tuple(x.shape)}")
+
+    def encode(self, x) -> Encoded:
+        """Encode x of shape ``(..., dim)`` (torch tensor, mlx array or numpy array)."""
+        ops = for_array(x)
+        self._check(x, ops)
+        wide = ops.float32 if self.precision == "float32" else ops.float64
+        xf = ops.astype(x, wide)
+        norms = ops.norm(xf)
+        y = ops.matmul(xf, ops.const(self._rot_t, x, wide)) / ops.maximum(norms, 1e-30)[..., None]
+        codes = ops.bucketize(ops.astype(y, ops.float32), ops.const(self._boundaries, x, ops.float32))
+        stored = ops.astype(norms, ops.float32)
+        if self.norm_correction:
+            c = ops.take_rows(ops.const(self._centroids, x, ops.float32), codes)
+            stored = stored / ops.norm(c)
+        # One reduction checks both: a NaN/Inf anywhere in a vector makes its norm NaN/Inf.
+        peak = ops.max_all(stored)
+        if not peak < FP16_MAX:
+            if not ops.all_finite(x):
+                raise ValueError("x must be finite: it contains NaN or Inf")
+            raise ValueError(f"x has a vector norm beyond the fp16 norm storage (>= {FP16_MAX})")
+        return Encoded(packing.pack(codes, self.bits), ops.astype(stored, ops.float16),
+                       self.dim, self.bits, x.dtype)
+
+    def decode(self, enc: Encoded, dtype=None):
+        """Decode to an array of shape ``enc.shape`` and the encoded input's dtype (or ``dtype``)."""
+        if not isinstance(enc, Encoded):
+            raise TypeError(f"enc must be an Encoded from TurboQuantizer.encode, got {type(enc).__name__}")
+        if enc.dim != self.dim or enc.bits != self.bits:
+            raise ValueError(f"enc was encoded with dim={enc.dim}, bits={enc.bits}; "
+                             f"this quantizer has dim={self.dim}, bits={self.bits}")
+        ops = for_array(enc.codes)
+        codes = packing.unpack(enc.codes, self.bits, self.dim)
+        c = ops.take_rows(ops.const(self._centroids, enc.codes, ops.float32), codes)
+        x = ops.matmul(c, ops.const(self._rot, enc.codes, ops.float32))
+        x = x * ops.astype(enc.norms, ops.float32)[..., None]
+        return ops.astype(x, enc.dtype if dtype is None else dtype)
