@@ -28,10 +28,12 @@ class LayerStore:
         config: bits, sinks, window, seed and norm correction.
         layer: layer index (selects the rotation seeds, see ``rotation.derive_seed``).
         head_dim: K/V vector length.
+        simulate: return every token as stored, this call's included ("simulated" scoring mode).
     """
 
-    def __init__(self, config: CacheConfig, layer: int, head_dim: int):
+    def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False):
         self.config = config
+        self.simulate = simulate
         self.qk = TurboQuantizer(head_dim, config.bits_k, derive_seed(config.seed, layer, "k"),
                                  norm_correction=config.norm_correction)
         self.qv = TurboQuantizer(head_dim, config.bits_v, derive_seed(config.seed, layer, "v"),
@@ -44,24 +46,36 @@ class LayerStore:
 
     # ---- what attention reads ---------------------------------------------------------------
     def update(self, k, v):
-        """Store new tokens and return (keys, values) for attention, each (B, H, length, D)."""
+        """Store new tokens and return (keys, values) for attention, each (B, H, length, D).
+
+        With ``simulate`` set, this call's own tokens are returned as stored too (quantized
+        unless they are sinks or in the window): every K/V is quantized before attention.
+        """
         ops = for_array(k)
+        if self.simulate:
+            self._store(k, v, ops)
+            return self._held(ops, k.dtype, v.dtype)
+        keys, values = self._held(ops, k.dtype, v.dtype, (k, v))
+        self._store(k, v, ops)
+        return keys, values
+
+    def _held(self, ops, k_dtype, v_dtype, new=None):
         parts_k, parts_v = [], []
         if self.sink_k is not None:
             parts_k.append(self.sink_k)
             parts_v.append(self.sink_v)
         if self.hist_k is not None:
-            parts_k.append(self.qk.decode(self.hist_k, dtype=k.dtype))
-            parts_v.append(self.qv.decode(self.hist_v, dtype=v.dtype))
+            parts_k.append(self.qk.decode(self.hist_k, dtype=k_dtype))
+            parts_v.append(self.qv.decode(self.hist_v, dtype=v_dtype))
         if self.win_k is not None:
             parts_k.append(self.win_k)
             parts_v.append(self.win_v)
-        parts_k.append(k)
-        parts_v.append(v)
-        keys = ops.concat(parts_k, 2) if len(parts_k) > 1 else k
-        values = ops.concat(parts_v, 2) if len(parts_v) > 1 else v
-        self._store(k, v, ops)
-        return keys, values
+        if new is not None:
+            parts_k.append(new[0])
+            parts_v.append(new[1])
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        return ops.concat(parts_k, 2), ops.concat(parts_v, 2)
 
     # ---- how tokens are stored -------------------------------------------------------------
     def _store(self, k, v, ops):
