@@ -32,12 +32,18 @@ class CacheConfig:
         encoded once, when they leave the window, and never re-encoded.
     seed: base seed of the per-layer rotations (see ``tq_core.rotation.derive_seed``).
     norm_correction: store ``|x| / |x_hat_unit|`` so decoded vectors keep their norm.
+
+    Why these defaults (SmolLM2-135M, 512 tokens of pydoc text, decode semantics, vs the
+    uncompressed cache of the same run; README has the table): plain K4/V2 costs +19.4 % PPL
+    (KLD 0.166); norm correction on vs off: KLD 0.166 vs 0.221; 4 sinks + 128-token window:
+    +0.71 ± 0.56 % PPL, KLD 0.0050. The window is paid for in bytes at short contexts and
+    amortized at long ones; ``sinks=0, window=0`` gives the codes alone.
     """
 
     bits_k: int = 4
     bits_v: int = 2
-    sinks: int = 0
-    window: int = 0
+    sinks: int = 4
+    window: int = 128
     seed: int = 0
     norm_correction: bool = True
 
