@@ -9,6 +9,7 @@ Options:
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -42,7 +43,7 @@ def pytest_configure(config):
     corpus = corpus_registry.load(config.getoption("--tq-corpus"))
     config._tq_corpus = corpus
     config._tq_run = {
-        "target": targets.results_target(backends, reasons),
+        "target": os.environ.get("TQ_RESULTS_TARGET") or targets.results_target(backends, reasons),
         "backends": [b for b in backends if b not in reasons],
         "skipped_backends": reasons,
         "tier": config.getoption("--tq-tier"),
