@@ -22,7 +22,7 @@ class Protocol:
 
     tokens: int = 512
     chunk: int = 1
-    mode: str = "cache"  # "cache": through the stored history; "simulated": see scoring docs
+    mode: str = "cache"  # "cache": through the stored history; "simulated": every K/V quantized first
 
     def __post_init__(self):
         for name in ("tokens", "chunk"):
@@ -63,9 +63,8 @@ def _logprobs_torch(model, ids, config, protocol):
 
     from .integrations import hf
 
-    cache = hf.dynamic_cache(model) if config is None else hf.make_cache(model, config)
-    if protocol.mode == "simulated" and config is not None:
-        cache.simulate = True
+    simulate = protocol.mode == "simulated"
+    cache = hf.dynamic_cache(model) if config is None else hf.make_cache(model, config, simulate)
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     out = []
@@ -81,10 +80,8 @@ def _logprobs_mlx(model, ids, config, protocol):
 
     from .integrations import mlx_lm
 
-    cache = mlx_lm.baseline_cache(model) if config is None else mlx_lm.make_cache(model, config)
-    if protocol.mode == "simulated" and config is not None:
-        for c in cache:
-            c.simulate = True
+    simulate = protocol.mode == "simulated"
+    cache = mlx_lm.baseline_cache(model) if config is None else mlx_lm.make_cache(model, config, simulate)
     x = mx.array([ids])
     out = []
     for s, e in _chunks(len(ids), protocol.chunk):

@@ -27,15 +27,16 @@ class TurboQuantLayer(_cu.DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, config: CacheConfig, layer_idx: int):
+    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False):
         super().__init__()
         self.tq_config = config
         self.layer_idx = layer_idx
+        self.simulate = simulate
         self.store: LayerStore | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
-        self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1])
+        self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1], simulate=self.simulate)
         # Empty placeholders: transformers code may read `.keys`/`.values`; nothing is held there.
         self.keys = key_states.new_zeros((0,))
         self.values = value_states.new_zeros((0,))
@@ -97,10 +98,13 @@ class TurboQuantCache(_cu.Cache):
         model_config: the model's config (``model.config``), used for layer types; if ``None``,
             every layer is a compressed full-attention layer, created on first use.
         config: a ``CacheConfig``; or give its fields as keywords (``bits_k=4, bits_v=2, ...``).
+        simulate: quantize every K/V before attention, this step's own tokens included (the
+            "simulated" scoring mode); off for real use.
     """
 
-    def __init__(self, model_config=None, config: CacheConfig | None = None, **fields):
+    def __init__(self, model_config=None, config: CacheConfig | None = None, simulate: bool = False, **fields):
         self.tq_config = config if config is not None else CacheConfig(**fields)
+        self.simulate = simulate
         if config is not None and fields:
             raise TypeError("give either config= or CacheConfig fields, not both")
         if model_config is None:
@@ -111,7 +115,7 @@ class TurboQuantCache(_cu.Cache):
         text = model_config.get_text_config(decoder=True)
         layer_types, per_layer = _cu.get_layer_types_and_kwargs(text)
         layers = [
-            TurboQuantLayer(self.tq_config, i) if kind == "full_attention"
+            TurboQuantLayer(self.tq_config, i, simulate) if kind == "full_attention"
             else _cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for i, (kind, kw) in enumerate(zip(layer_types, per_layer))
         ]
@@ -120,7 +124,7 @@ class TurboQuantCache(_cu.Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self._lazy:
             while len(self.layers) <= layer_idx:
-                self.layers.append(TurboQuantLayer(self.tq_config, len(self.layers)))
+                self.layers.append(TurboQuantLayer(self.tq_config, len(self.layers), self.simulate))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def compressed_layers(self) -> list[TurboQuantLayer]:
@@ -157,8 +161,8 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def make_cache(model, config: CacheConfig) -> TurboQuantCache:
-    return TurboQuantCache(model.config, config=config)
+def make_cache(model, config: CacheConfig, simulate: bool = False) -> TurboQuantCache:
+    return TurboQuantCache(model.config, config=config, simulate=simulate)
 
 
 def is_model(model) -> bool:

@@ -19,15 +19,16 @@ from ..kvstore import LayerStore
 class TurboQuantMLXCache(_BaseCache):
     """One layer of compressed K/V for mlx-lm models; keys/values are (B, H, T, D)."""
 
-    def __init__(self, config: CacheConfig, layer_idx: int):
+    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False):
         self.tq_config = config
         self.layer_idx = layer_idx
+        self.simulate = simulate
         self.store: LayerStore | None = None
         self.offset = 0
 
     def update_and_fetch(self, keys, values):
         if self.store is None:
-            self.store = LayerStore(self.tq_config, self.layer_idx, keys.shape[-1])
+            self.store = LayerStore(self.tq_config, self.layer_idx, keys.shape[-1], simulate=self.simulate)
         out = self.store.update(keys, values)
         self.offset = self.store.length
         return out
@@ -65,9 +66,9 @@ class TurboQuantMLXCache(_BaseCache):
         return sum(self.nbytes_parts().values())
 
 
-def make_cache(model, config: CacheConfig) -> list:
+def make_cache(model, config: CacheConfig, simulate: bool = False) -> list:
     """One compressed cache per layer of an mlx-lm model (pass as ``prompt_cache=``)."""
-    return [TurboQuantMLXCache(config, i) for i in range(len(model.layers))]
+    return [TurboQuantMLXCache(config, i, simulate) for i in range(len(model.layers))]
 
 
 def baseline_cache(model) -> list:
