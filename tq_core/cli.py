@@ -113,9 +113,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exits 2."""
+
+    def error(self, message):
+        print(f"tq: error: {message} (see tq --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tq", description="TurboQuant KV-cache compression")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="tq", description="TurboQuant KV-cache compression")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, backends, devices, codebooks")
     for name, help_ in (("run", "generate with a compressed cache"),
                         ("compare", "baseline vs compressed generation side by side")):

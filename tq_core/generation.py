@@ -25,12 +25,19 @@ class Generation:
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of ``prompt``, wrapped in the tokenizer's chat template when it has one."""
-    tok = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm wraps the HF tokenizer
+    tok = hf_tokenizer(tokenizer)
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
         return list(tok(text, add_special_tokens=False)["input_ids"])
     return list(tok(prompt)["input_ids"])
+
+
+def hf_tokenizer(tokenizer):
+    """The transformers tokenizer itself (mlx-lm wraps it in a ``TokenizerWrapper``)."""
+    if type(tokenizer).__name__ == "TokenizerWrapper":
+        return tokenizer._tokenizer
+    return tokenizer
 
 
 def kv_shape(model) -> tuple[int, int, int]:
@@ -94,8 +101,8 @@ def _generate_mlx(model, tokenizer, ids, config, max_new_tokens):
     if config is not None:
         parts = {k: sum(c.nbytes_parts()[k] for c in cache) for k in ("codes", "norms", "sinks", "window")}
         parts["total"] = sum(parts.values())
-    hf_tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    return Generation(new, hf_tok.decode(new, skip_special_tokens=True), mlx_lm.cache_nbytes(cache), parts)
+    text = hf_tokenizer(tokenizer).decode(new, skip_special_tokens=True)
+    return Generation(new, text, mlx_lm.cache_nbytes(cache), parts)
 
 
 def match(a: list[int], b: list[int]) -> tuple[float, int | None]:

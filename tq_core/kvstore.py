@@ -15,6 +15,8 @@ exactly generation (decode semantics).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .config import CacheConfig
 from .ops import for_array
 from .quantizer import Encoded, TurboQuantizer
@@ -104,8 +106,8 @@ class LayerStore:
     def _append_encoded(ops, old: Encoded | None, new: Encoded) -> Encoded:
         if old is None:
             return new
-        return Encoded(ops.concat([old.codes, new.codes], 2), ops.concat([old.norms, new.norms], 2),
-                       new.dim, new.bits, new.dtype)
+        return replace(new, codes=ops.concat([old.codes, new.codes], 2),
+                       norms=ops.concat([old.norms, new.norms], 2))
 
     # ---- accounting ------------------------------------------------------------------------
     def nbytes(self) -> dict:
@@ -134,8 +136,8 @@ class LayerStore:
             e = getattr(self, name)
             if e is not None:
                 ops = for_array(e.codes)
-                setattr(self, name, Encoded(ops.select_batch(e.codes, idx), ops.select_batch(e.norms, idx),
-                                            e.dim, e.bits, e.dtype))
+                setattr(self, name, replace(e, codes=ops.select_batch(e.codes, idx),
+                                            norms=ops.select_batch(e.norms, idx)))
 
 
 def _append(ops, old, new):

@@ -336,9 +336,9 @@ def load_hf(model: str | os.PathLike | None = None, *, dtype: Any = None, device
     ``dtype`` defaults to ``torch.float32`` (a ``torch.dtype``, its name, or
     ``"auto"``); ``device`` is anything ``Module.to`` accepts.
     """
+    src = ensure_local(model)  # a bad path fails here, before the slow import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = ensure_local(model)
     hf_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=_torch_dtype(dtype))
     hf_model.to(device)
     hf_model.eval()

@@ -38,6 +38,8 @@ class Encoded:
     dim: int
     bits: int
     dtype: object
+    seed: int = 0
+    norm_correction: bool = True
 
     @property
     def shape(self) -> tuple:
@@ -105,15 +107,18 @@ class TurboQuantizer:
         """Encode x of shape ``(..., dim)`` (torch tensor, mlx array or numpy array)."""
         ops = for_array(x)
         self._check(x, ops)
+        with ops.quiet():  # NaN/Inf inputs are reported below, not as numpy warnings
+            return self._encode(x, ops)
+
+    def _encode(self, x, ops) -> Encoded:
         wide = ops.float32 if self.precision == "float32" else ops.float64
         xf = ops.astype(x, wide)
         norms = ops.norm(xf)
         y = ops.matmul(xf, ops.const(self._rot_t, x, wide)) / ops.maximum(norms, 1e-30)[..., None]
         codes = ops.bucketize(ops.astype(y, ops.float32), ops.const(self._boundaries, x, ops.float32))
-        stored = ops.astype(norms, ops.float32)
+        stored = norms
         if self.norm_correction:
-            c = ops.take_rows(ops.const(self._centroids, x, ops.float32), codes)
-            stored = stored / ops.norm(c)
+            stored = stored / ops.norm(ops.take_rows(ops.const(self._centroids, x, wide), codes))
         # One reduction checks both: a NaN/Inf anywhere in a vector makes its norm NaN/Inf.
         peak = ops.max_all(stored)
         if not peak < FP16_MAX:
@@ -121,15 +126,18 @@ class TurboQuantizer:
                 raise ValueError("x must be finite: it contains NaN or Inf")
             raise ValueError(f"x has a vector norm beyond the fp16 norm storage (>= {FP16_MAX})")
         return Encoded(packing.pack(codes, self.bits), ops.astype(stored, ops.float16),
-                       self.dim, self.bits, x.dtype)
+                       self.dim, self.bits, x.dtype, self.seed, self.norm_correction)
 
     def decode(self, enc: Encoded, dtype=None):
         """Decode to an array of shape ``enc.shape`` and the encoded input's dtype (or ``dtype``)."""
         if not isinstance(enc, Encoded):
             raise TypeError(f"enc must be an Encoded from TurboQuantizer.encode, got {type(enc).__name__}")
-        if enc.dim != self.dim or enc.bits != self.bits:
-            raise ValueError(f"enc was encoded with dim={enc.dim}, bits={enc.bits}; "
-                             f"this quantizer has dim={self.dim}, bits={self.bits}")
+        mine = (self.dim, self.bits, self.seed, self.norm_correction)
+        if (enc.dim, enc.bits, enc.seed, enc.norm_correction) != mine:
+            raise ValueError(
+                f"enc was encoded with dim={enc.dim}, bits={enc.bits}, seed={enc.seed}, "
+                f"norm_correction={enc.norm_correction}; this quantizer has dim={self.dim}, "
+                f"bits={self.bits}, seed={self.seed}, norm_correction={self.norm_correction}")
         ops = for_array(enc.codes)
         codes = packing.unpack(enc.codes, self.bits, self.dim)
         c = ops.take_rows(ops.const(self._centroids, enc.codes, ops.float32), codes)

@@ -16,23 +16,34 @@ import numpy as np
 _KIND = {"k": 0, "v": 1}
 
 
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
 def derive_seed(seed: int, layer: int, kind: str) -> int:
     """Seed of the rotation used for layer ``layer`` and ``kind`` ("k" or "v") of a cache."""
+    seed, layer = _check_int("seed", seed, 0), _check_int("layer", layer, 0)
     if kind not in _KIND:
         raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
     return int(np.random.SeedSequence([seed, layer, _KIND[kind]]).generate_state(1, np.uint64)[0])
 
 
-@lru_cache(maxsize=256)
 def haar(dim: int, seed: int) -> np.ndarray:
     """(dim, dim) float64 orthogonal matrix, Haar-distributed, identical for identical arguments.
 
     Rows are the rotated basis: the rotated coordinates of ``x`` are ``x @ haar(dim, seed).T``.
     The returned array is read-only (it is shared through the cache).
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    rng = np.random.default_rng(int(seed))
+    return _haar(_check_int("dim", dim, 2), _check_int("seed", seed, 0))
+
+
+@lru_cache(maxsize=256)
+def _haar(dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
     q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
     q = q * np.sign(np.diag(r))[None, :]
     q.setflags(write=False)

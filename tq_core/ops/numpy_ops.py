@@ -125,3 +125,8 @@ def select_batch(x, idx):
 
 def dtype_name(dtype) -> str:
     return np.dtype(dtype).name
+
+
+def quiet():
+    """Silence floating-point warnings (NaN/Inf input is reported by the caller instead)."""
+    return np.errstate(all="ignore")
