@@ -60,7 +60,11 @@ class Codebook:
     centroids:  (2**bits,) float64, sorted ascending, ``centroids == -centroids[::-1]``.
     boundaries: (2**bits - 1,) float64, midpoints of consecutive centroids; value ``t`` maps to
                 ``centroids[searchsorted(boundaries, t)]``.
-    mse:        D_mse = dim * E[(t - Q(t))^2] = E||x - x_hat||^2 for a unit vector x.
+    mse:        D_mse = dim * E[(t - Q(t))^2] = E||x - x_hat||^2 for a unit vector x quantized
+                coordinate-wise in the rotated basis, i.e. ``TurboQuantizer(norm_correction=False)``.
+                With norm correction (the default) the decoded vector is rescaled to |x|: the error
+                is 2 - 2 sqrt(1 - D) to first order (+11 % at b=1) and falls below D at b >= 3
+                (the radial part of the error is removed).
     The arrays are read-only: codebooks are memoized and shared.
     """
 

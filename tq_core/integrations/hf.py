@@ -3,6 +3,8 @@
 Tested with transformers 5.17 and 5.24. Differences handled here:
 * 5.24 names the cache argument ``cache=`` and deprecates ``past_key_values=`` (5.17 has only the
   latter): ``cache_kwarg(model)`` reads the model's forward signature.
+* ``cache_utils.get_layer_types_and_kwargs`` returns per-layer kwargs as a list in 5.24 and as one
+  dict shared by all layers in 5.17.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class TurboQuantCache(_cu.Cache):
         self._lazy = False
         text = model_config.get_text_config(decoder=True)
         layer_types, per_layer = _cu.get_layer_types_and_kwargs(text)
+        if isinstance(per_layer, dict):  # transformers 5.17: one kwargs dict shared by all layers
+            per_layer = [per_layer] * len(layer_types)
         layers = [
             TurboQuantLayer(self.tq_config, i, simulate) if kind == "full_attention"
             else _cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)

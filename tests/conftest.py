@@ -1,0 +1,88 @@
+"""Shared fixtures of the unit tests: the real default model on both backends, and corpus tokens.
+
+``hf_model`` / ``mlx_model`` load SmolLM2-135M-Instruct once per session, offline, from the
+converted safetensors folder (``tq_core.models``); they skip when the model is unavailable.
+
+torch runs with ``TQ_TEST_TORCH_THREADS`` intra-op threads (default 1) while the model is loaded:
+the work per op is tiny (135M parameters, a few tokens), and on a small or shared CPU the
+OpenMP/MKL thread hand-offs cost more than they gain (measured on a busy 2-core box: greedy
+generation went from ~28 s to ~4 s for 20 tokens with one thread).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+SEED = 0
+CORPUS_TOKENS = 1100
+MLX_HINT = "mlx-lm not installed: pip install 'tq-core[mlx-cpu]'"
+
+
+@pytest.fixture(autouse=True)
+def _seed_backends():
+    """Seed python, numpy, torch and mlx (those already imported) before every test."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(SEED)
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].random.seed(SEED)
+
+
+def _require_default_model():
+    from tq_core import models
+
+    try:
+        models.locate_gguf()
+    except FileNotFoundError as exc:
+        if not models._is_complete(models._default_target()):
+            pytest.skip(f"default model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """(model, tokenizer) of the default model with transformers, fp32, CPU, eval mode."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tq_core import models
+
+    _require_default_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TQ_TEST_TORCH_THREADS", "1")))
+    try:
+        yield models.load_hf()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mlx_model():
+    """(model, tokenizer) of the default model with mlx-lm (same safetensors folder)."""
+    pytest.importorskip("mlx.core", reason=MLX_HINT)
+    pytest.importorskip("mlx_lm", reason=MLX_HINT)
+    from tq_core import models
+
+    _require_default_model()
+    return models.load_mlx()
+
+
+def corpus_text() -> str:
+    """CPython's pydoc topics, the corpus shared by the tests and the harness."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@pytest.fixture(scope="session")
+def corpus_ids(hf_model) -> list[int]:
+    """The first ``CORPUS_TOKENS`` (1100) token ids of the corpus, HF tokenizer, no special tokens."""
+    _, tokenizer = hf_model
+    text = corpus_text()[: CORPUS_TOKENS * 8]  # ~3.5 chars/token here: plenty, without tokenizing 700 kB
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:CORPUS_TOKENS]
+    assert len(ids) == CORPUS_TOKENS
+    return ids

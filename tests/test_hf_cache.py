@@ -1,0 +1,416 @@
+"""TurboQuantCache inside transformers' own generate: packed history, bytes, patch/unpatch,
+sliding-window configs and beam search. Runs with transformers 5.17 and 5.24.
+
+SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, fp32 weights. K4/V2 packs a K vector into
+64*4/8 = 32 bytes and a V vector into 16, plus one fp16 norm each: 52 bytes per token per KV head,
+against 2 * 64 * 2 = 256 for an fp16 K/V pair (ratio 0.203).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tq_core  # noqa: E402
+from tq_core import CacheConfig  # noqa: E402
+from tq_core.integrations import hf  # noqa: E402
+from tq_core.integrations.patch import patched_config  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
+K4_BYTES, V2_BYTES, NORM_BYTES = HEAD_DIM * 4 // 8, HEAD_DIM * 2 // 8, 2
+PER_TOKEN_HEAD = K4_BYTES + V2_BYTES + 2 * NORM_BYTES  # 52
+PROMPT = "The three most important rules of writing clean Python code are"
+
+
+def _prompt(tokenizer):
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _greedy(model, tokenizer, inputs, n, **kwargs):
+    """``n`` greedy tokens exactly (EOS suppressed, so lengths are known)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id, **kwargs)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _forward(model, ids, cache):
+    """One forward pass of ``ids`` into ``cache``; the last position's logits."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=True, logits_to_keep=1,
+                     **{hf.cache_kwarg(model): cache}).logits
+
+
+def _float_tensors(obj):
+    """Floating tensors an object holds directly in its attributes (name -> tensor)."""
+    return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _is_class_generate(model) -> bool:
+    return "generate" not in vars(model) and model.generate.__func__ is type(model).generate
+
+
+@pytest.fixture(autouse=True)
+def _never_left_patched(hf_model):
+    """The session model must leave every test unpatched (other tests share it)."""
+    yield
+    model, _ = hf_model
+    if patched_config(model) is not None:
+        tq_core.unpatch(model)
+        pytest.fail("test left the shared model patched")
+
+
+# ------------------------------------------------------------------ generation holds packed codes
+
+
+def test_cache_kwarg_matches_transformers_version(hf_model):
+    model, _ = hf_model
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    known = {(5, 17): "past_key_values", (5, 24): "cache"}  # the two versions this is tested with
+    assert hf.cache_kwarg(model) == known.get(major_minor, hf.cache_kwarg(model))
+    assert hf.cache_kwarg(model) in ("cache", "past_key_values")
+
+
+def test_generate_holds_history_packed(hf_model):
+    model, tokenizer = hf_model
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=8)
+    cache = hf.TurboQuantCache(model.config, config=cfg)
+    inputs = _prompt(tokenizer)
+    new = _greedy(model, tokenizer, inputs, 16, **{hf.cache_kwarg(model): cache})
+
+    assert len(new) == 16
+    assert tokenizer.decode(new, skip_special_tokens=True).strip()
+    held = inputs["input_ids"].shape[1] + len(new) - 1  # the last token is never fed back
+    encoded = held - cfg.sinks - cfg.window
+    assert cache.get_seq_length() == held
+    assert len(cache.layers) == LAYERS
+    assert all(isinstance(layer, hf.TurboQuantLayer) for layer in cache.layers)
+    assert len(cache.compressed_layers()) == LAYERS
+    for layer in cache.layers:
+        s = layer.store
+        assert s.length == held
+        assert s.encoded_tokens == encoded
+        for enc, nbytes in ((s.hist_k, K4_BYTES), (s.hist_v, V2_BYTES)):
+            assert enc.codes.dtype == torch.uint8
+            assert tuple(enc.codes.shape) == (1, KV_HEADS, encoded, nbytes)
+            assert enc.norms.dtype == torch.float16
+            assert tuple(enc.norms.shape) == (1, KV_HEADS, encoded)
+        # Full precision only for the sinks and the window; transformers' keys/values stay empty.
+        assert layer.keys.numel() == 0 and layer.values.numel() == 0
+        assert set(_float_tensors(s)) == {"sink_k", "sink_v", "win_k", "win_v"}
+        for name in ("sink_k", "sink_v"):
+            assert tuple(getattr(s, name).shape) == (1, KV_HEADS, cfg.sinks, HEAD_DIM)
+        for name in ("win_k", "win_v"):
+            assert tuple(getattr(s, name).shape) == (1, KV_HEADS, cfg.window, HEAD_DIM)
+        assert sum(t.numel() for t in _float_tensors(layer).values()) == 0
+
+    parts = cache.nbytes()
+    assert parts["codes"] == LAYERS * KV_HEADS * encoded * (K4_BYTES + V2_BYTES)
+    assert parts["norms"] == LAYERS * KV_HEADS * encoded * 2 * NORM_BYTES
+    assert parts["uncompressed_layers"] == 0
+
+
+# ------------------------------------------------------------------ bytes
+
+
+class _TeeCache(hf.TurboQuantCache):
+    """A TurboQuantCache that also hands every K/V it is given to a plain DynamicCache, so both
+    hold the very same tokens of the very same forward pass."""
+
+    def __init__(self, model, **fields):
+        super().__init__(model.config, **fields)
+        self.tee = hf.dynamic_cache(model)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.tee.update(key_states, value_states, layer_idx, *args, **kwargs)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def prefill_1024(hf_model, corpus_ids):
+    """1024 corpus tokens in one forward pass into K4/V2 with sinks=0, window=0 (and, from the same
+    pass, an uncompressed DynamicCache); then 64 more tokens (for the per-token slope)."""
+    model, _ = hf_model
+    tq = _TeeCache(model, bits_k=4, bits_v=2, sinks=0, window=0)
+    _forward(model, corpus_ids[:1024], tq)
+    bytes_1024 = tq.nbytes()
+    dyn, tq.tee = tq.tee, hf.dynamic_cache(model)
+    _forward(model, corpus_ids[1024:1088], tq)
+    return {"dyn": dyn, "tq_1024": bytes_1024, "tq_1088": tq.nbytes(), "tq": tq}
+
+
+def test_bytes_vs_fp16_dynamic_cache(prefill_1024, record_property):
+    dyn = prefill_1024["dyn"]
+    assert dyn.get_seq_length() == 1024
+    numel = 0
+    for layer in dyn.layers:
+        for t in (layer.keys, layer.values):
+            assert t.dtype == torch.float32  # the model runs in fp32
+            numel += t.numel()
+    assert numel == 2 * LAYERS * KV_HEADS * 1024 * HEAD_DIM
+    assert hf.cache_nbytes(dyn) == numel * 4
+    fp16_bytes = numel * 2
+    tq_bytes = prefill_1024["tq_1024"]["total"]
+    ratio = tq_bytes / fp16_bytes
+    record_property("bytes_ratio_vs_fp16", ratio)
+    print(f"\nK4/V2 1024 tokens: {tq_bytes} B vs fp16 DynamicCache {fp16_bytes} B, ratio {ratio:.4f}")
+    assert ratio <= 0.21
+
+
+def test_bytes_per_token_per_head(prefill_1024, record_property):
+    b1024, b1088 = prefill_1024["tq_1024"], prefill_1024["tq_1088"]
+    for parts in (b1024, b1088):
+        assert parts["sinks"] == parts["window"] == parts["uncompressed_layers"] == 0
+    slope = (b1088["total"] - b1024["total"]) / (64 * LAYERS * KV_HEADS)
+    mean = b1024["total"] / (1024 * LAYERS * KV_HEADS)
+    constant = b1024["total"] - PER_TOKEN_HEAD * 1024 * LAYERS * KV_HEADS
+    record_property("bytes_per_token_head", mean)
+    print(f"\nbytes/token/KV head: mean {mean:.3f}, slope {slope:.3f}, constant {constant} B")
+    assert slope == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
+    assert mean == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
+    assert abs(constant) <= 4096
+    assert prefill_1024["tq"].get_seq_length() == 1088
+    for layer in prefill_1024["tq"].layers:
+        assert layer.store.encoded_tokens == 1088
+        assert layer.keys.numel() == 0
+
+
+def test_bytes_sinks_and_window_counted(hf_model, corpus_ids):
+    model, _ = hf_model
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=32)
+    cache = hf.TurboQuantCache(model.config, config=cfg)
+    n = 128
+    _forward(model, corpus_ids[:n], cache)
+    parts = cache.nbytes()
+    fp32_kv_token = LAYERS * KV_HEADS * HEAD_DIM * 4 * 2  # K and V, all layers
+    assert parts["sinks"] == 4 * fp32_kv_token
+    assert parts["window"] == 32 * fp32_kv_token
+    encoded = n - 4 - 32
+    assert parts["codes"] + parts["norms"] == LAYERS * KV_HEADS * encoded * PER_TOKEN_HEAD
+    assert parts["total"] == parts["codes"] + parts["norms"] + parts["sinks"] + parts["window"]
+    assert hf.cache_nbytes(cache) == parts["total"]
+    for layer in cache.layers:
+        assert layer.store.sink_k.dtype == layer.store.win_v.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ patch / unpatch
+
+
+@pytest.fixture(scope="module")
+def never_patched_40(hf_model):
+    """40 greedy tokens of the model before any patching in this module (transformers' own cache)."""
+    model, tokenizer = hf_model
+    assert patched_config(model) is None and _is_class_generate(model)
+    return _greedy(model, tokenizer, _prompt(tokenizer), 40)
+
+
+@pytest.fixture
+def update_spy(monkeypatch):
+    """Counts TurboQuantCache.update calls; the list holds the cache of each call."""
+    calls = []
+    original = hf.TurboQuantCache.update
+
+    def update(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(hf.TurboQuantCache, "update", update)
+    return calls
+
+
+def test_patch_makes_plain_generate_compress(hf_model, never_patched_40, update_spy):
+    model, tokenizer = hf_model
+    inputs = _prompt(tokenizer)
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    try:
+        assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2)
+        assert "generate" in vars(model)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert update_spy, "patched generate never called TurboQuantCache.update"
+        caches = {id(c) for c in update_spy}
+        assert len(caches) == 1
+        cache = update_spy[0]
+        assert cache.tq_config == CacheConfig(bits_k=4, bits_v=2)
+        assert len(cache.compressed_layers()) == LAYERS
+        assert cache.get_seq_length() == out.shape[1] - 1
+        assert len(update_spy) == LAYERS * (out.shape[1] - inputs["input_ids"].shape[1])
+
+        # every call gets a fresh cache (the spy keeps the caches alive, so ids stay unique) ...
+        n_first = len(update_spy)
+        _greedy(model, tokenizer, inputs, 2)
+        assert len(update_spy) > n_first and {id(c) for c in update_spy[n_first:]}.isdisjoint(caches)
+        # ... unless the caller passes one
+        update_spy.clear()
+        dyn = hf.dynamic_cache(model)
+        _greedy(model, tokenizer, inputs, 2, **{hf.cache_kwarg(model): dyn})
+        assert not update_spy and dyn.get_seq_length() == inputs["input_ids"].shape[1] + 1
+    finally:
+        tq_core.unpatch(model)
+    assert _is_class_generate(model)
+
+
+def test_unpatch_restores_output(hf_model, never_patched_40, update_spy):
+    model, tokenizer = hf_model
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    assert tq_core.unpatch(model) is model
+    assert _is_class_generate(model)
+    assert patched_config(model) is None
+    assert _greedy(model, tokenizer, _prompt(tokenizer), 40) == never_patched_40
+    assert not update_spy
+
+
+def test_patch_twice_unpatch_once(hf_model):
+    model, _ = hf_model
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    tq_core.patch(model, bits_k=3, bits_v=3, window=16)
+    try:
+        assert patched_config(model) == CacheConfig(bits_k=3, bits_v=3, window=16)
+        # the second patch wraps the class method, not the first wrapper
+        assert model.generate.__wrapped__.__func__ is type(model).generate
+    finally:
+        tq_core.unpatch(model)
+    assert patched_config(model) is None
+    assert _is_class_generate(model)
+
+
+def test_unpatch_unpatched_is_noop(hf_model):
+    model, _ = hf_model
+    before = dict(vars(model))
+    assert tq_core.unpatch(model) is model
+    assert tq_core.unpatch(model) is model
+    assert vars(model) == before
+    assert _is_class_generate(model)
+
+
+def test_patch_bad_bits_leaves_model_unpatched(hf_model):
+    model, _ = hf_model
+    with pytest.raises(ValueError, match="bits_k"):
+        tq_core.patch(model, bits_k=9)
+    assert patched_config(model) is None
+    assert _is_class_generate(model)
+    # on a patched model a bad config keeps the patch already there
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    try:
+        with pytest.raises(ValueError, match="bits_v"):
+            tq_core.patch(model, bits_v=0)
+        assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2)
+    finally:
+        tq_core.unpatch(model)
+    assert _is_class_generate(model)
+
+
+# ------------------------------------------------------------------ sliding-window configs
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3():
+    """A 4-layer random Gemma3 text model, sliding and full attention layers interleaved."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def _tiny_generate(model, n, **kwargs):
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_sliding_window_model(tiny_gemma3):
+    model = tiny_gemma3
+    kwarg = hf.cache_kwarg(model)
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=0, window=4)
+    cache = hf.TurboQuantCache(model.config, config=cfg)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds[1] is kinds[3] is hf.TurboQuantLayer
+    assert kinds[0] is kinds[2] is transformers.cache_utils.DynamicSlidingWindowLayer
+
+    new = _tiny_generate(model, 10, **{kwarg: cache})
+    assert len(new) == 10
+    held = 20 + 10 - 1
+    assert [layer.store.encoded_tokens for layer in cache.compressed_layers()] == [held - 4] * 2
+    for i in (1, 3):
+        assert cache.layers[i].store.hist_k.codes.dtype == torch.uint8
+        assert cache.layers[i].keys.numel() == 0
+    for i in (0, 2):  # transformers' own sliding layers keep sliding_window - 1 tokens
+        assert cache.layers[i].keys.shape[-2] == 8 - 1
+    parts = cache.nbytes()
+    assert parts["uncompressed_layers"] == 2 * 2 * (2 * 7 * 32 * 4)  # layers * (K,V) * heads*tokens*dim*fp32
+    assert parts["window"] == 2 * 2 * (2 * 4 * 32 * 4)
+
+    # With everything inside the full-precision window the cache must reproduce DynamicCache exactly:
+    # the sliding layers really are transformers' and the full ones see every token.
+    wide = hf.TurboQuantCache(model.config, bits_k=4, bits_v=2, sinks=0, window=1000)
+    baseline = _tiny_generate(model, 10, **{kwarg: hf.dynamic_cache(model)})
+    assert _tiny_generate(model, 10, **{kwarg: wide}) == baseline
+
+
+def test_patch_sliding_window_model(tiny_gemma3, update_spy):
+    tq_core.patch(tiny_gemma3, bits_k=4, bits_v=2, sinks=0, window=0)
+    try:
+        assert len(_tiny_generate(tiny_gemma3, 4)) == 4
+    finally:
+        tq_core.unpatch(tiny_gemma3)
+    cache = update_spy[0]
+    assert [layer.layer_idx for layer in cache.compressed_layers()] == [1, 3]
+    assert "generate" not in vars(tiny_gemma3)
+
+
+# ------------------------------------------------------------------ beam search
+
+
+def test_beam_search_reorders_compressed_cache(hf_model, monkeypatch):
+    model, tokenizer = hf_model
+    reorders = []
+    original = hf.TurboQuantLayer.reorder_cache
+
+    def reorder_cache(self, beam_idx):
+        reorders.append(beam_idx.tolist())
+        return original(self, beam_idx)
+
+    monkeypatch.setattr(hf.TurboQuantLayer, "reorder_cache", reorder_cache)
+    cache = hf.TurboQuantCache(model.config, bits_k=4, bits_v=2, sinks=0, window=0)
+    inputs = _prompt(tokenizer)
+    new = _greedy(model, tokenizer, inputs, 6, num_beams=2, **{hf.cache_kwarg(model): cache})
+    assert len(new) == 6
+    assert tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert reorders, "transformers did not reorder the cache during beam search"
+    for layer in cache.layers:
+        assert layer.store.hist_k.codes.shape[0] == 2  # one row per beam
+        assert layer.store.hist_k.codes.dtype == torch.uint8
+
+
+def test_reorder_cache_on_filled_cache(hf_model, corpus_ids):
+    model, _ = hf_model
+    cache = hf.TurboQuantCache(model.config, bits_k=4, bits_v=2, sinks=2, window=4)
+    batch = torch.tensor([corpus_ids[:24], corpus_ids[24:48]])
+    with torch.no_grad():
+        model(batch, use_cache=True, **{hf.cache_kwarg(model): cache})
+
+    def rows(layer):
+        s = layer.store
+        return [x.clone() for x in (s.sink_k, s.win_v, s.hist_k.codes, s.hist_v.norms)]
+
+    before = [rows(layer) for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    for layer, old in zip(cache.layers, before):
+        for new, ref in zip(rows(layer), old):
+            assert torch.equal(new, ref.flip(0))
+    cache.reorder_cache(torch.tensor([0, 0]))
+    for layer in cache.layers:
+        for x in rows(layer):
+            assert torch.equal(x[0], x[1])
+        assert layer.store.encoded_tokens == 24 - 2 - 4
+    assert cache.get_seq_length() == 24

@@ -1,0 +1,287 @@
+"""TurboQuantMLXCache inside mlx-lm's own generate / stream_generate: packed codes, patch/unpatch,
+no ``bits`` attribute, agreement with the torch backend, bytes.
+
+The mlx[cpu] wheel computes matmuls with a slow reference BLAS (~0.15 s of CPU per generated
+token for SmolLM2-135M, ~130 s for a 1024-token forward pass), so prompts are a few tokens, few
+tokens are generated, and the 1024-token byte accounting fills the caches with K/V arrays
+directly instead of running the model over 1024 tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+HINT = "mlx-lm not installed: pip install 'tq-core[mlx-cpu]'"
+mx = pytest.importorskip("mlx.core", reason=HINT)
+mlx_lm = pytest.importorskip("mlx_lm", reason=HINT)
+
+import tq_core  # noqa: E402
+from tq_core import CacheConfig, generation  # noqa: E402
+from tq_core.integrations import mlx_lm as tqm  # noqa: E402
+from tq_core.integrations.patch import patched_config  # noqa: E402
+
+pytestmark = [pytest.mark.mlx, pytest.mark.model]
+
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
+K4_BYTES, V2_BYTES, NORM_BYTES = HEAD_DIM * 4 // 8, HEAD_DIM * 2 // 8, 2
+PER_TOKEN_HEAD = K4_BYTES + V2_BYTES + 2 * NORM_BYTES  # 52
+PROMPT = "The capital of France is"
+N_COMPARE = 24
+K4V2 = CacheConfig(bits_k=4, bits_v=2, sinks=0, window=0)
+
+
+def _tokens(model, tokenizer, ids, n, **kwargs) -> list[int]:
+    """Greedy tokens from ``mlx_lm.stream_generate`` (stops at EOS like mlx-lm does)."""
+    stream = mlx_lm.stream_generate(model, tokenizer, mx.array(ids), max_tokens=n, **kwargs)
+    return [int(r.token) for r in stream]
+
+
+def _hf_tokenizer(tokenizer):
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def prompt(mlx_model) -> list[int]:
+    _, tokenizer = mlx_model
+    return generation.prompt_ids(tokenizer, PROMPT, chat=False)
+
+
+@pytest.fixture(scope="module")
+def mlx_baseline(mlx_model, prompt) -> list[int]:
+    """N_COMPARE greedy tokens of the never-patched model with mlx-lm's own KVCache."""
+    model, tokenizer = mlx_model
+    assert patched_config(model) is None and "make_cache" not in vars(model)
+    out = _tokens(model, tokenizer, prompt, N_COMPARE)
+    assert len(out) == N_COMPARE, "the prompt must not hit EOS early"
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _never_left_patched(mlx_model):
+    yield
+    model, _ = mlx_model
+    if patched_config(model) is not None:
+        tq_core.unpatch(model)
+        pytest.fail("test left the shared model patched")
+
+
+@pytest.fixture
+def update_spy(monkeypatch):
+    """Records the cache of every TurboQuantMLXCache.update_and_fetch call."""
+    calls = []
+    original = tqm.TurboQuantMLXCache.update_and_fetch
+
+    def update_and_fetch(self, keys, values):
+        calls.append(self)
+        return original(self, keys, values)
+
+    monkeypatch.setattr(tqm.TurboQuantMLXCache, "update_and_fetch", update_and_fetch)
+    return calls
+
+
+def _check_packed(cache, held, cfg):
+    encoded = held - cfg.sinks - cfg.window
+    assert len(cache) == LAYERS
+    for c in cache:
+        assert isinstance(c, tqm.TurboQuantMLXCache)
+        s = c.store
+        assert s.length == c.offset == held
+        assert s.encoded_tokens == encoded
+        for enc, nbytes in ((s.hist_k, K4_BYTES), (s.hist_v, V2_BYTES)):
+            assert enc.codes.dtype == mx.uint8
+            assert tuple(enc.codes.shape) == (1, KV_HEADS, encoded, nbytes)
+            assert enc.norms.dtype == mx.float16
+            assert tuple(enc.norms.shape) == (1, KV_HEADS, encoded)
+        held_fp = [a for a in (s.sink_k, s.sink_v, s.win_k, s.win_v) if a is not None]
+        assert sum(a.shape[2] for a in held_fp) == 2 * (cfg.sinks + cfg.window)
+
+
+# ------------------------------------------------------------------ generate with prompt_cache
+
+
+def test_generate_with_prompt_cache(mlx_model, prompt, mlx_baseline):
+    model, tokenizer = mlx_model
+    cfg = CacheConfig()
+    cache = tqm.make_cache(model, cfg)
+    text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=20, prompt_cache=cache)
+    assert text.strip()
+    # A short prompt stays inside the default sinks + window: exactly what the baseline reads.
+    # (mlx-lm's streaming detokenizer drops the first token's leading space)
+    assert text.strip() == _hf_tokenizer(tokenizer).decode(mlx_baseline[:20]).strip()
+    held = len(prompt) + 20
+    assert all(isinstance(c, tqm.TurboQuantMLXCache) and c.store.length == held for c in cache)
+    assert all(c.store.encoded_tokens == 0 for c in cache)
+    assert cache[0].store.sink_k.shape[2] == cfg.sinks
+    assert cache[0].store.win_k.shape[2] == held - cfg.sinks
+
+
+def test_no_bits_attribute(mlx_model):
+    """mlx-lm sends any cache with ``bits`` to its quantized attention: there must be none."""
+    model, _ = mlx_model
+    cache = tqm.make_cache(model, CacheConfig())
+    c = cache[0]
+    assert not hasattr(c, "bits")
+    k = mx.random.normal((1, KV_HEADS, 3, HEAD_DIM))
+    c.update_and_fetch(k, k)
+    assert not hasattr(c, "bits")
+    assert c.tq_config.bits_k == 4
+
+
+# ------------------------------------------------------------------ patch / unpatch
+
+
+def test_patch_makes_plain_generate_compress(mlx_model, prompt, mlx_baseline, update_spy):
+    model, tokenizer = mlx_model
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    try:
+        assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2)
+        assert "make_cache" in vars(model)
+        text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=3)
+        assert text.strip()
+        first = {id(c) for c in update_spy}  # the spy keeps the caches alive: ids stay unique
+        assert len(first) == LAYERS
+        cfgs = {c.tq_config for c in update_spy}
+        assert cfgs == {CacheConfig(bits_k=4, bits_v=2)}
+
+        n_first = len(update_spy)
+        out = [r.token for r in mlx_lm.stream_generate(model, tokenizer, mx.array(prompt), max_tokens=3)]
+        assert len(out) == 3
+        second = {id(c) for c in update_spy[n_first:]}
+        assert len(second) == LAYERS and second.isdisjoint(first)  # a fresh cache per call
+        assert out == mlx_baseline[:3]
+    finally:
+        tq_core.unpatch(model)
+    assert "make_cache" not in vars(model)
+
+
+def test_unpatch_restores_output(mlx_model, prompt, mlx_baseline, update_spy):
+    model, tokenizer = mlx_model
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    assert tq_core.unpatch(model) is model
+    assert patched_config(model) is None
+    assert "make_cache" not in vars(model)
+    assert _tokens(model, tokenizer, prompt, 8) == mlx_baseline[:8]
+    assert not update_spy
+
+
+def test_patch_twice_unpatch_once_and_bad_bits(mlx_model):
+    model, _ = mlx_model
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    with pytest.raises(ValueError, match="bits_k"):
+        tq_core.patch(model, bits_k=9)
+    assert patched_config(model) is None and "make_cache" not in vars(model)
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    tq_core.patch(model, bits_k=3, bits_v=3)
+    try:
+        cache = make_prompt_cache(model)
+        assert {c.tq_config for c in cache} == {CacheConfig(bits_k=3, bits_v=3)}
+    finally:
+        tq_core.unpatch(model)
+    assert patched_config(model) is None and "make_cache" not in vars(model)
+    assert all(type(c) is KVCache for c in make_prompt_cache(model))
+    before = dict(vars(model))
+    assert tq_core.unpatch(model) is model  # unpatching an unpatched model: no-op
+    assert vars(model) == before
+
+
+# ------------------------------------------------------------------ torch vs mlx
+
+
+def _torch_greedy_mlx_chunking(hf, eos, ids, n, cache) -> list[int]:
+    """Greedy tokens from a transformers model, fed the way mlx-lm feeds its cache: the prompt
+    but its last token in one pass, then one token per pass (transformers' generate would prefill
+    the whole prompt at once, so with a compressed cache the last prompt token would see its
+    predecessors in full precision instead of as stored)."""
+    import torch
+
+    from tq_core.integrations import hf as tq_hf
+
+    kw = {tq_hf.cache_kwarg(hf): cache, "use_cache": True, "logits_to_keep": 1}
+    out = []
+    with torch.no_grad():
+        hf(torch.tensor([ids[:-1]]), **kw)
+        nxt = ids[-1]
+        for _ in range(n):
+            nxt = int(hf(torch.tensor([[nxt]]), **kw).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+def test_torch_vs_mlx(hf_model, mlx_model, prompt, mlx_baseline, record_property):
+    hf, hf_tok = hf_model
+    model, tokenizer = mlx_model
+    assert generation.prompt_ids(hf_tok, PROMPT, chat=False) == prompt
+
+    cache = tqm.make_cache(model, K4V2)
+    mlx_tq = _tokens(model, tokenizer, prompt, N_COMPARE, prompt_cache=cache)
+    _check_packed(cache, len(prompt) + len(mlx_tq), K4V2)
+
+    torch_base = generation.generate(hf, hf_tok, prompt, None, "torch", N_COMPARE).tokens
+    torch_tq = generation.generate(hf, hf_tok, prompt, K4V2, "torch", N_COMPARE).tokens
+    from tq_core.integrations import hf as tq_hf
+
+    torch_tq_chunked = _torch_greedy_mlx_chunking(hf, hf_tok.eos_token_id, prompt, N_COMPARE,
+                                                  tq_hf.make_cache(hf, K4V2))
+
+    rates = {
+        "baseline_torch_vs_mlx": generation.match(torch_base, mlx_baseline)[0],
+        "k4v2_torch_vs_mlx": generation.match(torch_tq, mlx_tq)[0],
+        "k4v2_torch_mlx_chunking_vs_mlx": generation.match(torch_tq_chunked, mlx_tq)[0],
+        "k4v2_vs_baseline_torch": generation.match(torch_tq, torch_base)[0],
+        "k4v2_vs_baseline_mlx": generation.match(mlx_tq, mlx_baseline)[0],
+    }
+    for name, rate in rates.items():
+        record_property(name, rate)
+    dec = _hf_tokenizer(tokenizer).decode
+    print(f"\nmatch rates over {N_COMPARE} greedy tokens: {rates}")
+    print(f"torch base: {dec(torch_base)!r}\nmlx base:   {dec(mlx_baseline)!r}")
+    print(f"torch K4V2: {dec(torch_tq)!r}\ntorch K4V2, mlx-lm chunking: {dec(torch_tq_chunked)!r}\n"
+          f"mlx K4V2:   {dec(mlx_tq)!r}")
+    assert rates["baseline_torch_vs_mlx"] >= 0.9
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def test_bytes_1024_tokens(mlx_model, record_property):
+    """1024 tokens prefilled in one call per layer (K/V arrays fed directly, see module docstring)."""
+    model, _ = mlx_model
+    from mlx_lm.models.cache import KVCache
+
+    cache = tqm.make_cache(model, K4V2)
+    base = [KVCache() for _ in range(LAYERS)]
+    for i, (c, b) in enumerate(zip(cache, base)):
+        k, v = mx.random.normal((2, 1, KV_HEADS, 1024 + 64, HEAD_DIM), key=mx.random.key(i))
+        b.update_and_fetch(k[..., :1024, :], v[..., :1024, :])
+        c.update_and_fetch(k[..., :1024, :], v[..., :1024, :])
+    mx.eval([c.state for c in cache])
+    b1024 = tqm.cache_nbytes(cache)
+    parts = {p: sum(c.nbytes_parts()[p] for c in cache) for p in ("codes", "norms", "sinks", "window")}
+    fp16 = 0
+    for b in base:
+        keys, values = b.keys_and_values()
+        assert keys.dtype == mx.float32 and keys.shape[2] == 1024
+        fp16 += (keys.size + values.size) * 2
+    assert fp16 == 2 * LAYERS * KV_HEADS * 1024 * HEAD_DIM * 2
+
+    for i, c in enumerate(cache):
+        k, v = mx.random.normal((2, 1, KV_HEADS, 1024 + 64, HEAD_DIM), key=mx.random.key(i))
+        c.update_and_fetch(k[..., 1024:, :], v[..., 1024:, :])
+    b1088 = tqm.cache_nbytes(cache)
+    _check_packed(cache, 1088, K4V2)
+
+    ratio = b1024 / fp16
+    mean = b1024 / (1024 * LAYERS * KV_HEADS)
+    slope = (b1088 - b1024) / (64 * LAYERS * KV_HEADS)
+    record_property("bytes_ratio_vs_fp16", ratio)
+    print(f"\nmlx K4/V2 1024 tokens: {b1024} B vs fp16 {fp16} B, ratio {ratio:.4f}; "
+          f"bytes/token/KV head mean {mean:.3f}, slope {slope:.3f}")
+    assert parts["sinks"] == parts["window"] == 0
+    assert parts["codes"] == LAYERS * KV_HEADS * 1024 * (K4_BYTES + V2_BYTES)
+    assert ratio <= 0.21
+    assert mean == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
+    assert slope == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
+    assert abs(b1024 - PER_TOKEN_HEAD * 1024 * LAYERS * KV_HEADS) <= 4096
