@@ -17,3 +17,175 @@ def check_memory(config, ratio: float, context: int) -> None:
     if config.sinks == 0 and config.window == 0 and (config.bits_k, config.bits_v) == (4, 2):
         lo, hi = PLAIN_K4V2_RATIO
         assert lo <= ratio <= hi, f"plain K4/V2 holds {ratio:.4f} x fp16, expected {lo}..{hi}"
+
+
+# ==== MSE and attention (suites/test_mse.py, suites/test_attention.py) ==========================
+# Section owned by the MSE/attention suites. Measured on SmolLM2-135M (first 512 tokens of the
+# default corpus), torch-cpu and mlx on CPU; the two backends agree to <= 1e-6 relative.
+import math as _math
+
+# -- codec on uniform random unit vectors (20 000 per (d, b), seeded; test_random_unit_vectors) --
+# Norm correction off: D_mse / codebook.mse measured 0.989..1.011 over all shipped dims, b 1..8
+# (d 64/128, b 1..4: 0.995..1.002); the tolerance widens to 4 SE where the sample is noisier.
+MSE_VS_OPTIMUM_TOL = 0.01
+MSE_SE_TOL = 4.0
+# Norm correction on = off's codes rescaled by fp16(1/|x_hat_off|): same vectors agree to < 1e-6.
+MSE_NC_IDENTITY_TOL = 2e-3
+# rho = D_on / D_off on the same vectors. Upper: (2 - 2 sqrt(1 - D)) / D, exact at b = 1 (|c| is
+# constant), measured 1.108 (d 64) vs 1.111. Lower: 1 - kappa/d, kappa measured 0 (b=1),
+# 0.7..1 (b=2), 2.4..2.9 (b >= 5); its b -> inf limit is 3 (the error variance of a compander
+# quantizer grows with |t| as f^(-2/3): E[t^2 eps^2] = 3 E[t^2] E[eps^2] in the Gaussian limit).
+MSE_NC_RHO_HI = 1.01
+MSE_NC_KAPPA_MAX = 3.3
+# Inner-product shrink (slope of <q, x_hat> on <q, x>): expected exactly 1 - D (off) and
+# 1 - D_on/2 (on); measured within 2.5 SE. Spread^2 / D_mse: 0.98..1.02 at b <= 6, up to 1.08 at
+# b = 8 where the per-vector error is heavy-tailed (the sample SE then says so).
+IP_SLOPE_SE_TOL = 5.0
+IP_SPREAD2_TOL = 0.05
+
+
+def check_random_mse(dim: int, bits: int, opt: float, res: dict, d_identity: float) -> None:
+    off, on = res[False], res[True]
+    tol = max(MSE_VS_OPTIMUM_TOL, MSE_SE_TOL * off["d_se"] / opt)
+    assert abs(off["d"] / opt - 1) <= tol, (
+        f"d={dim} b={bits}: D_mse {off['d']:.6g} is {off['d'] / opt:.4f} x the optimum {opt:.6g} (tol {tol:.4f})")
+    assert abs(on["d"] / d_identity - 1) <= MSE_NC_IDENTITY_TOL, (
+        f"d={dim} b={bits}: norm-corrected D_mse {on['d']:.6g} != rescaled uncorrected {d_identity:.6g}")
+    rho = on["d"] / off["d"]
+    lo, hi = 1 - MSE_NC_KAPPA_MAX / dim, MSE_NC_RHO_HI * (2 - 2 * _math.sqrt(1 - opt)) / opt
+    assert lo <= rho <= hi, f"d={dim} b={bits}: D_mse on/off {rho:.4f} outside {lo:.4f}..{hi:.4f}"
+    for d in (off["d"], on["d"]):  # no b-bit code beats the Shannon bound: below it = not quantizing
+        assert d >= 4.0 ** -bits, f"d={dim} b={bits}: D_mse {d:.3g} below the Shannon bound {4.0 ** -bits:.3g}"
+    for nc, expect in ((False, 1 - opt), (True, 1 - on["d"] / 2)):
+        s = res[nc]
+        assert abs(s["slope"] - expect) <= IP_SLOPE_SE_TOL * s["slope_se"] + 1e-4, (
+            f"d={dim} b={bits} nc={nc}: inner-product shrink {s['slope']:.5f} ± {s['slope_se']:.5f}, "
+            f"expected {expect:.5f}")
+        tol = max(IP_SPREAD2_TOL, IP_SLOPE_SE_TOL * s["spread2_se"] / s["d"])
+        assert abs(s["spread2"] / s["d"] - 1) <= tol, (
+            f"d={dim} b={bits} nc={nc}: inner-product spread^2 {s['spread2']:.5g} ± {s['spread2_se']:.2g} "
+            f"vs D_mse {s['d']:.5g}")
+
+
+# -- codec on the model's own K/V (test_real_kv): D_mse of unit-normalized vectors per layer, as a
+# ratio to the reference (codebook.mse; norm correction on: the same codec on uniform vectors) --
+# Measured, per-layer min..max (mean over 30 layers), off / on:
+#   K4 0.935..1.125 (1.005) / 0.943..1.120 (1.009)   V2 0.982..1.025 (1.002) / 0.982..1.027 (1.004)
+#   K3 0.942..1.105 (1.009) / 0.947..1.109 (1.013)   V3 0.977..1.035 (1.003) / 0.981..1.038 (1.006)
+#   K2 0.944..1.077 (1.005) / 0.945..1.083 (1.007)   V4 0.979..1.035 (1.003) / 0.983..1.040 (1.007)
+# Keys spread more: their effective rank is 5-8 of 64 (values ~34), so one fixed rotation per
+# layer is a lottery over few directions (layer 23 K4 over 12 seeds: 0.945..1.196, mean 1.03).
+REAL_MSE_LAYER_BAND = (0.85, 1.25)
+REAL_MSE_MEAN_BAND = (0.98, 1.04)
+
+
+def check_real_mse(kind: str, bits: int, norm_correction: bool, ratios) -> None:
+    lo, hi = REAL_MSE_LAYER_BAND
+    bad = [(i, round(float(r), 4)) for i, r in enumerate(ratios) if not lo <= r <= hi]
+    assert not bad, f"{kind.upper()}{bits} nc={norm_correction}: layers with D/reference outside {lo}..{hi}: {bad}"
+    lo, hi = REAL_MSE_MEAN_BAND
+    m = float(sum(ratios) / len(ratios))
+    assert lo <= m <= hi, f"{kind.upper()}{bits} nc={norm_correction}: mean D/reference {m:.4f} outside {lo}..{hi}"
+
+
+# -- attention on the model's own Q/K/V (test_attention.py: decode semantics, last 256 of 512
+# positions, 9 heads; means over the 30 layers). Measured (torch-cpu = mlx to 1e-6):
+#   config        1-cos     KL(weights)  top-8
+#   K4V2 (def.)   0.00576   0.00498      0.973
+#   K4V3          0.00190   0.00498      0.973
+#   K3V2          0.00805   0.0194       0.944
+#   K4V4          0.00092   0.00498      0.973     (nightly)
+#   K3V3          0.00430   0.0194       0.944     (nightly)
+#   K2V2          0.0239    0.0882       0.858     (nightly)
+#   K4V2 plain, norm correction on   0.0396   0.0320   0.881
+#   K4V2 plain, norm correction off  0.0405   0.0339   0.879
+# Two-sided: 1-cos and KL must lie in [measured * LO, measured * HI] -- below means the cache
+# returns (nearly) the originals -- and top-8 overlap within TOP8_TOL of the measured value.
+ATTN_MEASURED = {  # config name -> (1 - mean cosine, mean KL, mean top-8 overlap)
+    "K4V2": (0.005762, 0.004977, 0.9727),
+    "K4V3": (0.001902, 0.004977, 0.9727),
+    "K3V2": (0.008048, 0.019352, 0.9444),
+    "K4V4": (0.000915, 0.004977, 0.9727),
+    "K3V3": (0.004302, 0.019352, 0.9444),
+    "K2V2": (0.023927, 0.088159, 0.8578),
+    "K4V2-plain-nc": (0.039573, 0.031970, 0.8811),
+    "K4V2-plain-no-nc": (0.040480, 0.033893, 0.8789),
+}
+ATTN_LO, ATTN_HI = 0.5, 1.25
+ATTN_TOP8_TOL = 0.02
+
+
+def _check_attention_band(name: str, out: dict) -> None:
+    one_minus_cos = 1 - float(out["cos_mean"].mean())
+    kl = float(out["kl_mean"].mean())
+    top8 = float(out["top8_overlap"].mean())
+    m_cos, m_kl, m_top8 = ATTN_MEASURED[name]
+    for label, v, m in (("1 - cosine", one_minus_cos, m_cos), ("KL", kl, m_kl)):
+        lo, hi = m * ATTN_LO, m * ATTN_HI
+        assert lo <= v <= hi, f"{name}: attention {label} {v:.5g} outside {lo:.5g}..{hi:.5g} (measured {m:.5g})"
+    assert abs(top8 - m_top8) <= ATTN_TOP8_TOL, f"{name}: top-8 overlap {top8:.4f}, measured {m_top8}"
+
+
+def check_attention(config_name: str, out: dict) -> None:
+    if config_name in ATTN_MEASURED:
+        _check_attention_band(config_name, out)
+        return
+    # A config not measured yet: only refuse a cache that does not compress.
+    cos = float(out["cos_mean"].mean())
+    assert cos < 0.99999 and float(out["kl_mean"].mean()) > 0, (
+        f"{config_name}: attention indistinguishable from the uncompressed cache (cosine {cos:.7f})")
+
+
+def check_norm_correction(out: dict) -> None:
+    """Plain K4/V2: norm correction on (the default) must beat off in weight KL and output cosine."""
+    _check_attention_band("K4V2-plain-nc", out[True])
+    _check_attention_band("K4V2-plain-no-nc", out[False])
+    kl_on, kl_off = float(out[True]["kl_mean"].mean()), float(out[False]["kl_mean"].mean())
+    cos_on, cos_off = float(out[True]["cos_mean"].mean()), float(out[False]["cos_mean"].mean())
+    assert kl_on < kl_off, f"norm correction no longer lowers attention KL: on {kl_on:.5g}, off {kl_off:.5g}"
+    assert cos_on > cos_off, f"norm correction no longer raises attention cosine: on {cos_on:.6f}, off {cos_off:.6f}"
+
+
+# ==== speed (suites/test_speed.py) ===============================================================
+# Section owned by the speed suite. Speed is measured and recorded, never gated on time: these
+# checks only make sure a measurement happened and measured the thing it names.
+import math as _speed_math
+
+
+def check_speed_rate(name: str, value: float) -> None:
+    """A benchmark produced a positive, finite rate (tokens/s, vectors/s, GB/s)."""
+    assert _speed_math.isfinite(value) and value > 0, f"{name}: benchmark produced no positive rate ({value!r})"
+
+
+def check_history_encoded(encoded_tokens: int, tokens: int, config) -> None:
+    """The cache that was timed held every token outside its sinks and window as codes.
+
+    A speed ratio of a cache that encodes nothing (context within sinks + window, or a store that
+    keeps full precision) would be the baseline's speed under another name.
+    """
+    expect = max(0, tokens - config.sinks - config.window)
+    assert expect > 0, (f"{tokens} tokens fit in sinks {config.sinks} + window {config.window}: "
+                        "the timed cache encodes nothing")
+    assert encoded_tokens == expect, (
+        f"timed cache holds {encoded_tokens} of {tokens} tokens as codes, its layout says {expect}")
+
+
+# ==== generation and needle (suites/test_generation.py, suites/test_needle.py) ====================
+# Section owned by the generation and needle suites. PROVISIONAL: being measured.
+GEN_MEAN_MATCH_MIN: dict = {}
+PLAIN_K4V2_FULL_MATCH_MAX = 1.0
+NEEDLE_MAX_LOST: dict = {}
+
+
+def check_generation(config_name: str, tier: str, mean_rate: float, rates) -> None:
+    lo = GEN_MEAN_MATCH_MIN.get((tier, config_name))
+    if lo is not None:
+        assert mean_rate >= lo, f"{config_name}: mean match rate {mean_rate:.3f} < {lo} ({tier} tier), per prompt {rates}"
+
+
+def check_plain_generation(tier: str, rates) -> None:
+    pass
+
+
+def check_needle(tier: str, retrieved: dict, cases: int) -> None:
+    pass
