@@ -68,9 +68,12 @@ def require(session: nox.Session, name: str) -> None:
 
 def run_suites(session: nox.Session, target: str, backends: str) -> None:
     """Run the suites for one hardware target, then render its report."""
-    session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
-                env={**_env(), "TQ_RESULTS_TARGET": target})
+    code = session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
+                       env={**_env(), "TQ_RESULTS_TARGET": target}, success_codes=[0, 1])
+    # The report is rendered even when a gate failed: it shows which one, in red.
     session.run("python", "-m", "reports.render", "--target", target)
+    if code:
+        session.error(f"suites failed on {target}: see reports/{target}/index.html")
 
 
 @nox.session

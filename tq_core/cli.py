@@ -3,6 +3,8 @@
     tq info
     tq run     [--model M] [--prompt P] [--bits-k 4] [--bits-v 2] [--backend torch|mlx]
     tq compare [same options]      baseline and compressed outputs, match rate, first divergence
+    tq report  [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05]
+                                   static site of every results file (reports/site.py)
 
 Bad input prints one line ``tq: error: ...`` and exits with status 2.
 """
@@ -121,6 +123,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def cmd_report(args) -> int:
+    """The static site from the results folder. ``reports`` is imported here, never by the core."""
+    import pathlib
+
+    checkout = pathlib.Path(__file__).resolve().parents[1]  # a source checkout has reports/ beside tq_core/
+    if (checkout / "reports" / "site.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        from reports import site
+    except ImportError as e:
+        raise ImportError(f"tq report needs the repository's reports/ package and pip install 'tq-core[report]' "
+                          f"({e})") from None
+    try:
+        return site.run(args)
+    except FileExistsError as e:
+        print(f"tq: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tq", description="TurboQuant KV-cache compression")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -138,6 +159,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", default="torch", help="torch or mlx")
         s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
         s.add_argument("--max-new-tokens", type=int, default=48)
+    r = sub.add_parser("report", help="static site from the results folder: latest status, trends, regressions")
+    r.add_argument("--results", default=None, help="results folder (default: $TQ_RESULTS_DIR or reports/results)")
+    r.add_argument("--out", default=None, help="site folder (default: reports/site)")
+    r.add_argument("--kld-regress", type=float, default=0.10,
+                   help="flag mean KLD up by more than this fraction vs the previous run (default 0.10)")
+    r.add_argument("--speed-regress", type=float, default=0.05,
+                   help="flag throughput down by more than this fraction vs the previous run (default 0.05)")
     return p
 
 
@@ -148,7 +176,7 @@ def main(argv=None) -> int:
             from .config import CacheConfig
 
             setattr(args, field, getattr(CacheConfig(), field))
-    handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare}[args.command]
+    handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, NotImplementedError) as e:

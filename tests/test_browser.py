@@ -1,0 +1,68 @@
+"""The rendered report and site in a real browser: headless Chromium, offline, fresh profile per page.
+
+Fails on any console message (the pages carry no script), on a page that loads without its plots
+(inline ``<svg>`` counted in the DOM after load), on external resources and on broken local links.
+Screenshots are kept in ``$TQ_BROWSER_ARTIFACTS`` (default ``reports/results/_browser/``, ignored by git).
+Skipped when no Chromium is installed (Debian/Ubuntu: ``apt-get install -y chromium``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reports import browser, render, runs, site, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("TQ_BROWSER_ARTIFACTS") or ROOT / "reports" / "results" / "_browser")
+
+pytestmark = pytest.mark.skipif(browser.find() is None,
+                                reason="no Chromium: apt-get install -y chromium (or set TQ_CHROMIUM to a Chrome)")
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """A report and a site from synthetic runs: two commits, a planted KLD regression, two targets."""
+    tmp = tmp_path_factory.mktemp("browser")
+    res = tmp / "results"
+    for n, (commit, scale) in enumerate([("a" * 40, 1.0), ("b" * 40, 1.5)], start=1):
+        synthetic.write(res, commit=commit, started=f"2026-11-0{n}T02:00:00+00:00", seed=n, kld_scale=scale)
+    synthetic.write(res, commit="a" * 40, started="2026-11-01T02:00:00+00:00", target="mlx")
+    report = render.write(tmp / "report" / "index.html", render.page(runs.newest(res, "cpu")))
+    built = {str(p.relative_to(tmp / "site")): p for p in site.build(res, tmp / "site")}
+    return {"report": report, **built}
+
+
+@pytest.mark.parametrize("name, min_svg", [
+    ("report", 10), ("index.html", 0), ("cpu/index.html", 5), ("cpu/latest.html", 10), ("mlx/index.html", 5)])
+def test_page_loads_clean_with_its_plots(pages, name, min_svg):
+    shot = ARTIFACTS / f"{name.replace('/', '_').removesuffix('.html')}.png"
+    c = browser.check(pages[name], shot, height=3000)
+    assert not c.problems(min_svg), c.problems(min_svg)
+    assert c.screenshot is not None and c.screenshot.stat().st_size > 10_000
+
+
+def test_the_checker_sees_console_errors_and_broken_links(tmp_path):
+    """Negative control: the same check on a page that logs an error and links a missing file must fail."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!doctype html><html><body><script>console.error("planted")</script>'
+                   '<a href="missing.html">x</a><img src="https://example.invalid/x.png"></body></html>')
+    problems = browser.check(bad).problems(min_svg=1)
+    assert any("planted" in p for p in problems), problems
+    assert any("broken link: missing.html" in p for p in problems)
+    assert any("external resource" in p for p in problems)
+    assert any("inline <svg>" in p for p in problems)
+
+
+def test_latest_real_results_render_clean(tmp_path):
+    """Whatever the suites last wrote here (reports/results/<target>/), rendered and opened."""
+    root = runs.results_dir()
+    targets = runs.targets(root) if root.is_dir() else []
+    if not targets:
+        pytest.skip(f"no results under {root}: run pytest suites/ first")
+    for target in targets:
+        page = render.write(tmp_path / f"{target}.html", render.page(runs.newest(root, target)))
+        c = browser.check(page, ARTIFACTS / f"real_{target}.png", height=3000)
+        assert not c.problems(1), (target, c.problems(1))
