@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "venv"
 
@@ -68,12 +69,15 @@ def require(session: nox.Session, name: str) -> None:
 
 def run_suites(session: nox.Session, target: str, backends: str) -> None:
     """Run the suites for one hardware target, then render its report."""
-    code = session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
-                       env={**_env(), "TQ_RESULTS_TARGET": target}, success_codes=[0, 1])
-    # The report is rendered even when a gate failed: it shows which one, in red.
+    failed = None
+    try:
+        session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
+                    env={**_env(), "TQ_RESULTS_TARGET": target})
+    except CommandFailed as e:  # a gate failed: still render, the report shows which one in red
+        failed = e
     session.run("python", "-m", "reports.render", "--target", target)
-    if code:
-        session.error(f"suites failed on {target}: see reports/{target}/index.html")
+    if failed is not None:
+        session.error(f"suites failed on {target} ({failed}): see reports/{target}/index.html")
 
 
 @nox.session
