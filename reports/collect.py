@@ -122,9 +122,12 @@ def _nvidia_driver() -> str | None:
 
 def provenance(config) -> dict:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
+    if dirty is None and os.environ.get("TQ_DIRTY") is not None:
+        dirty = os.environ["TQ_DIRTY"]
     run = {
         "started": config._tq_started,
-        "commit": _git("rev-parse", "HEAD"),
+        # TQ_COMMIT names the commit of a copied tree that has no .git (e.g. a remote GPU box).
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("TQ_COMMIT"),
         "commit_time": _git("show", "-s", "--format=%cI", "HEAD"),
         "dirty": None if dirty is None else bool(dirty),
         "versions": {d: _version(d) for d in ("tq-core", "numpy", "torch", "transformers", "mlx", "mlx-lm")},

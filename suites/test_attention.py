@@ -119,7 +119,10 @@ def cache_view(cap, layer: int, config, backend: str):
         k_mid, v_mid = view_at(mid)
         coded = ~full_precision_mask(np.array([mid]), mid + 1, config.sinks, config.window)[0]
         for name, a, b in (("K", k_mid, k_hat), ("V", v_mid, v_hat)):
-            assert np.array_equal(a[:, coded], b[:, : mid + 1][:, coded]), (
+            # Same codes decode to the same vectors up to float rounding (a GPU matmul may pick
+            # another kernel for another history length); a rewritten code moves a vector by far more.
+            a, b = a[:, coded], b[:, : mid + 1][:, coded]
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-6), (
                 f"{name} history decoded at t={mid} differs from t={T - 1}: codes were rewritten")
     return k_hat, v_hat
 
