@@ -122,8 +122,8 @@ def _nvidia_driver() -> str | None:
 
 def provenance(config) -> dict:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
-    if dirty is None and os.environ.get("TQ_DIRTY") is not None:
-        dirty = os.environ["TQ_DIRTY"]
+    if dirty is None and os.environ.get("TQ_DIRTY") in ("0", "1"):
+        dirty = "dirty" if os.environ["TQ_DIRTY"] == "1" else ""
     run = {
         "started": config._tq_started,
         # TQ_COMMIT names the commit of a copied tree that has no .git (e.g. a remote GPU box).
