@@ -186,7 +186,8 @@ def test_nbytes_parts(lib, t):
     if t:
         store.update(_to(lib, k), _to(lib, v))
     parts = store.nbytes()
-    assert set(parts) == {"codes", "norms", "sinks", "window"}
+    assert set(parts) == {"codes", "norms", "sinks", "window", "other"}
+    assert parts["other"] == 0  # the store holds nothing beyond its layout
     e = store.encoded_tokens
     assert e == max(0, t - CFG.sinks - CFG.window)
     # K4/V2 at d=64: 32 + 16 code bytes and 2 + 2 norm bytes per token per head

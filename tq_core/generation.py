@@ -99,7 +99,7 @@ def _generate_mlx(model, tokenizer, ids, config, max_new_tokens):
             break
     parts = {"total": mlx_lm.cache_nbytes(cache)}
     if config is not None:
-        parts = {k: sum(c.nbytes_parts()[k] for c in cache) for k in ("codes", "norms", "sinks", "window")}
+        parts = {k: sum(c.nbytes_parts()[k] for c in cache) for k in ("codes", "norms", "sinks", "window", "other")}
         parts["total"] = sum(parts.values())
     text = hf_tokenizer(tokenizer).decode(new, skip_special_tokens=True)
     return Generation(new, text, mlx_lm.cache_nbytes(cache), parts)

@@ -111,16 +111,17 @@ class LayerStore:
 
     # ---- accounting ------------------------------------------------------------------------
     def nbytes(self) -> dict:
-        """Bytes held, by part: codes + norms of the history, full-precision sinks and window."""
-        def arr(x):
-            return 0 if x is None else for_array(x).nbytes(x)
-
-        return {
-            "codes": sum(for_array(e.codes).nbytes(e.codes) for e in (self.hist_k, self.hist_v) if e is not None),
-            "norms": sum(for_array(e.norms).nbytes(e.norms) for e in (self.hist_k, self.hist_v) if e is not None),
-            "sinks": arr(self.sink_k) + arr(self.sink_v),
-            "window": arr(self.win_k) + arr(self.win_v),
-        }
+        """Bytes held, by part, counted from every array this store holds (nothing is listed by hand):
+        codes + norms of the history, full-precision sinks and window, and ``other`` (any other
+        array attribute, so a stray copy cannot hide from the count)."""
+        parts = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0}
+        for name, value in vars(self).items():
+            if isinstance(value, Encoded):
+                parts["codes"] += _nbytes(value.codes)
+                parts["norms"] += _nbytes(value.norms)
+            elif _is_array(value):
+                parts[_PART.get(name, "other")] += _nbytes(value)
+        return parts
 
     @property
     def encoded_tokens(self) -> int:
@@ -138,6 +139,21 @@ class LayerStore:
                 ops = for_array(e.codes)
                 setattr(self, name, replace(e, codes=ops.select_batch(e.codes, idx),
                                             norms=ops.select_batch(e.norms, idx)))
+
+
+_PART = {"sink_k": "sinks", "sink_v": "sinks", "win_k": "window", "win_v": "window"}
+
+
+def _is_array(value) -> bool:
+    try:
+        for_array(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _nbytes(x) -> int:
+    return for_array(x).nbytes(x)
 
 
 def _append(ops, old, new):

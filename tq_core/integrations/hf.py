@@ -135,8 +135,9 @@ class TurboQuantCache(_cu.Cache):
         return [layer for layer in self.layers if isinstance(layer, TurboQuantLayer) and layer.store is not None]
 
     def nbytes(self) -> dict:
-        """Bytes held, by part, measured from the tensors: codes, norms, sinks, window, other layers."""
-        out = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "uncompressed_layers": 0}
+        """Bytes held, by part, measured from the tensors: codes, norms, sinks, window, any other
+        array a layer store holds, and layers left uncompressed (e.g. sliding-window ones)."""
+        out = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0, "uncompressed_layers": 0}
         for layer in self.layers:
             if isinstance(layer, TurboQuantLayer):
                 if layer.store is not None:

@@ -59,7 +59,8 @@ class TurboQuantMLXCache(_BaseCache):
         raise NotImplementedError("a TurboQuantMLXCache cannot be restored from a saved state")
 
     def nbytes_parts(self) -> dict:
-        return {"codes": 0, "norms": 0, "sinks": 0, "window": 0} if self.store is None else self.store.nbytes()
+        empty = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0}
+        return empty if self.store is None else self.store.nbytes()
 
     @property
     def nbytes(self):
