@@ -80,12 +80,12 @@ def _one_torch_thread():
 class Uint8CodesQuantizer(TurboQuantizer):
     """Stores each code index in a whole byte (no bit packing): the codes cost 8 bits per channel."""
 
-    def encode(self, x) -> Encoded:
-        enc = super().encode(x)
-        return Encoded(packing.unpack(enc.codes, self.bits, self.dim), enc.norms, enc.dim, enc.bits, enc.dtype)
+    def encode(self, x, **kwargs) -> Encoded:
+        enc = super().encode(x, **kwargs)
+        return dataclasses.replace(enc, codes=packing.unpack(enc.codes, self.bits, self.dim))
 
     def decode(self, enc: Encoded, dtype=None):
-        packed = Encoded(packing.pack(enc.codes, self.bits), enc.norms, enc.dim, enc.bits, enc.dtype)
+        packed = dataclasses.replace(enc, codes=packing.pack(enc.codes, self.bits))
         return super().decode(packed, dtype)
 
 

@@ -95,8 +95,9 @@ class LayerStore:
         win_v = _append(ops, self.win_v, v)
         spill = win_k.shape[2] - self.config.window
         if spill > 0:
-            self.hist_k = self._append_encoded(ops, self.hist_k, self.qk.encode(win_k[:, :, :spill]))
-            self.hist_v = self._append_encoded(ops, self.hist_v, self.qv.encode(win_v[:, :, :spill]))
+            # No host sync per layer per step: NaN/Inf K/V propagate to the output (see encode).
+            self.hist_k = self._append_encoded(ops, self.hist_k, self.qk.encode(win_k[:, :, :spill], check=False))
+            self.hist_v = self._append_encoded(ops, self.hist_v, self.qv.encode(win_v[:, :, :spill], check=False))
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None

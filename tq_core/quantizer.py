@@ -7,7 +7,7 @@ decode:     x_hat = s * (c[code] @ R)
 R is a seeded Haar rotation (``rotation.haar``); c and the boundaries are the Lloyd-Max codebook of
 the coordinate density of a random unit vector in R^dim (``codebook.load``), so no calibration
 data is needed. Inputs containing NaN or Inf raise ``ValueError`` (they would poison the stored
-norm silently otherwise).
+norm silently otherwise); the KV caches encode with ``check=False`` and propagate them instead.
 """
 
 from __future__ import annotations
@@ -103,14 +103,19 @@ class TurboQuantizer:
         if int(np.prod(x.shape)) == 0:
             raise ValueError(f"x must hold at least one vector, got shape {tuple(x.shape)}")
 
-    def encode(self, x) -> Encoded:
-        """Encode x of shape ``(..., dim)`` (torch tensor, mlx array or numpy array)."""
+    def encode(self, x, *, check: bool = True) -> Encoded:
+        """Encode x of shape ``(..., dim)`` (torch tensor, mlx array or numpy array).
+
+        ``check=False`` skips the NaN/Inf and fp16-range check, which reads one value back to the
+        host (a device sync per call). The KV caches use it: a NaN in a model's own K/V then
+        propagates to its output, exactly as it would through an uncompressed cache.
+        """
         ops = for_array(x)
         self._check(x, ops)
         with ops.quiet():  # NaN/Inf inputs are reported below, not as numpy warnings
-            return self._encode(x, ops)
+            return self._encode(x, ops, check)
 
-    def _encode(self, x, ops) -> Encoded:
+    def _encode(self, x, ops, check: bool) -> Encoded:
         wide = ops.float32 if self.precision == "float32" else ops.float64
         xf = ops.astype(x, wide)
         norms = ops.norm(xf)
@@ -120,8 +125,7 @@ class TurboQuantizer:
         if self.norm_correction:
             stored = stored / ops.norm(ops.take_rows(ops.const(self._centroids, x, wide), codes))
         # One reduction checks both: a NaN/Inf anywhere in a vector makes its norm NaN/Inf.
-        peak = ops.max_all(stored)
-        if not peak < FP16_MAX:
+        if check and not ops.max_all(stored) < FP16_MAX:
             if not ops.all_finite(x):
                 raise ValueError("x must be finite: it contains NaN or Inf")
             raise ValueError(f"x has a vector norm beyond the fp16 norm storage (>= {FP16_MAX})")
