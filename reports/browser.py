@@ -110,8 +110,10 @@ def check(page: str | os.PathLike, screenshot: str | os.PathLike | None = None, 
         if screenshot:
             pathlib.Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             cmd.append(f"--screenshot={pathlib.Path(screenshot).resolve()}")
+        # A preloaded library meant for Python (nox preloads OpenBLAS for MLX) aborts Chromium.
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         proc = subprocess.run(cmd + [page.as_uri()], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "HOME": profile})
+                              env={**env, "HOME": profile})
     external, broken, svgs = links(page, proc.stdout)
     console = [line.strip() for line in proc.stderr.splitlines() if CONSOLE.search(line)]
     shot = pathlib.Path(screenshot) if screenshot and pathlib.Path(screenshot).exists() else None

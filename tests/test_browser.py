@@ -65,4 +65,5 @@ def test_latest_real_results_render_clean(tmp_path):
     for target in targets:
         page = render.write(tmp_path / f"{target}.html", render.page(runs.newest(root, target)))
         c = browser.check(page, ARTIFACTS / f"real_{target}.png", height=3000)
-        assert not c.problems(1), (target, c.problems(1))
+        # How many plots a real page has depends on which suites ran; it must load clean.
+        assert not c.problems(0), (target, c.problems(0))
