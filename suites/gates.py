@@ -204,8 +204,15 @@ PPL_KLD_READS_CODES = 1e-4
 # (config name, positions scored, chunk, mode) -> measured on torch-cpu: KLD mean ± SE,
 # ΔPPL % ± paired SE, same-top-1 % ± SE. Filled from the runs named in each comment.
 PPL_MEASURED: dict = {
-    # 512 tokens, decode semantics (the brief's table; rerun in this suite: identical)
+    # 512 tokens, decode semantics, torch-cpu (= the brief's table, reproduced to 4 digits)
     ("K4V2", 511, 1, "cache"): dict(kld=0.004994, kld_se=0.000442, dppl=0.713, dppl_se=0.562, top1=97.46, top1_se=0.70),
+    # 512 tokens, chunks of 64, torch-cpu (run 20261128T045810)
+    ("K4V2", 511, 64, "cache"): dict(kld=0.003890, kld_se=0.000405, dppl=0.778, dppl_se=0.500, top1=97.65, top1_se=0.67),
+    ("K3V2", 511, 64, "cache"): dict(kld=0.007493, kld_se=0.000732, dppl=1.482, dppl_se=0.728, top1=95.69, top1_se=0.90),
+    ("K4V3", 511, 64, "cache"): dict(kld=0.001971, kld_se=0.000328, dppl=-0.004, dppl_se=0.340, top1=97.65, top1_se=0.67),
+    ("K4V2-plain", 511, 64, "cache"): dict(kld=0.03740, kld_se=0.00278, dppl=5.92, dppl_se=1.46, top1=93.15, top1_se=1.12),
+    ("K4V2-plain", 511, 64, "simulated"): dict(kld=0.2037, kld_se=0.0137, dppl=30.18, dppl_se=4.40, top1=77.69,
+                                               top1_se=1.84),
 }
 
 

@@ -37,28 +37,94 @@ class Protocol:
         return f"{self.tokens} tokens, {sem}, mode={self.mode}"
 
 
-def logprobs(model, ids, config: CacheConfig | None, backend: str, protocol: Protocol) -> np.ndarray:
+def logprobs(model, ids, config: CacheConfig | None, backend: str, protocol: Protocol, *,
+             fork_from=None, return_cache: bool = False, threads: int | None = None):
     """Log-probabilities of the next token at each position, (tokens - 1, vocab) float32.
 
     ``config=None`` scores with the host library's uncompressed cache (the baseline).
+
+    Keyword-only options (none of them changes what is measured):
+
+    return_cache: return ``(logprobs, cache)``; the cache then holds the ``tokens - 1`` fed
+        tokens (see :func:`held_bytes`).
+    fork_from: the ``(logprobs, cache)`` of the *baseline* scored with ``return_cache=True`` on
+        the same ids and protocol. Until a token leaves the window nothing is encoded, so a
+        compressed cache computes exactly what the uncompressed one did (same keys and values, in
+        the same order, through the same kernels): those positions are taken from the baseline,
+        its keys/values of the first ``F`` tokens are written into the compressed cache, and
+        scoring continues from token ``F`` (``F`` = sinks + window, rounded down to a chunk
+        boundary). With the default 4 + 128 this skips 132 of 511 decode steps at 512 tokens.
+        Ignored in simulated mode and when nothing can be skipped.
+    threads: torch CPU intra-op threads while scoring (restored after). ``None``: one thread for
+        chunks under 64 tokens, else unchanged. A one-token step of a small model is a few ms of
+        arithmetic and many tiny ops; OpenMP hand-offs cost more than they gain, and on a shared
+        CPU they stall (busy 2-core box, 200 tokens at chunk 1, SmolLM2-135M: baseline 127 s ->
+        33 s, K4/V2 571 s -> 36 s with one thread).
     """
     ids = [int(i) for i in ids[: protocol.tokens]]
     if len(ids) < protocol.tokens:
         raise ValueError(f"text has {len(ids)} tokens, protocol needs {protocol.tokens}")
+    if fork_from is not None:
+        fork_from = _check_fork(fork_from, len(ids))
     if backend == "torch":
-        return _logprobs_torch(model, ids, config, protocol)
-    if backend == "mlx":
-        return _logprobs_mlx(model, ids, config, protocol)
-    raise ValueError(f"backend must be 'torch' or 'mlx', got {backend!r}")
+        lp, cache = _logprobs_torch(model, ids, config, protocol, fork_from, threads)
+    elif backend == "mlx":
+        lp, cache = _logprobs_mlx(model, ids, config, protocol, fork_from)
+    else:
+        raise ValueError(f"backend must be 'torch' or 'mlx', got {backend!r}")
+    return (lp, cache) if return_cache else lp
 
 
-def _chunks(n: int, chunk: int):
+def _chunks(n: int, chunk: int, start: int = 0):
     # Positions 0 .. n-2 are scored (each predicts the next token); the last token is never fed.
-    for s in range(0, n - 1, chunk):
+    for s in range(start, n - 1, chunk):
         yield s, min(s + chunk, n - 1)
 
 
-def _logprobs_torch(model, ids, config, protocol):
+def _check_fork(fork_from, n: int):
+    try:
+        lp, cache = fork_from
+    except (TypeError, ValueError):
+        raise TypeError("fork_from must be the (logprobs, cache) of a baseline scored with return_cache=True") from None
+    if not isinstance(lp, np.ndarray) or lp.ndim != 2 or lp.shape[0] != n - 1:
+        raise ValueError(f"fork_from log-probs must be ({n - 1}, vocab) for these {n} ids, "
+                         f"got {getattr(lp, 'shape', type(lp).__name__)}")
+    return lp, cache
+
+
+def fork_point(config: CacheConfig | None, protocol: Protocol, tokens: int | None = None) -> int:
+    """Tokens a compressed scoring can take from the baseline: nothing is encoded before them.
+
+    Feeding token ``t`` spills a token out of the window only once ``t >= sinks + window``; the
+    chunk that starts there still reads full precision only, but the next one does not. So the
+    first ``sinks + window`` positions (rounded down to a chunk boundary) are the baseline's.
+    """
+    if config is None or protocol.mode != "cache":
+        return 0
+    fed = (protocol.tokens if tokens is None else tokens) - 1
+    f = min(config.sinks + config.window, fed)
+    return (f // protocol.chunk) * protocol.chunk
+
+
+class _torch_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        if self.n is not None and self.n != self.before:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if torch.get_num_threads() != self.before:
+            torch.set_num_threads(self.before)
+
+
+def _logprobs_torch(model, ids, config, protocol, fork_from, threads):
     import torch
 
     from .integrations import hf
@@ -66,16 +132,29 @@ def _logprobs_torch(model, ids, config, protocol):
     simulate = protocol.mode == "simulated"
     cache = hf.dynamic_cache(model) if config is None else hf.make_cache(model, config, simulate)
     device = next(model.parameters()).device
+    if threads is None and device.type == "cpu" and protocol.chunk < 64:
+        threads = 1
     x = torch.tensor([ids], device=device)
-    out = []
-    with torch.no_grad():
-        for s, e in _chunks(len(ids), protocol.chunk):
+    out, start = [], 0
+    f = fork_point(config, protocol, len(ids)) if fork_from is not None else 0
+    with _torch_threads(threads if device.type == "cpu" else None), torch.no_grad():
+        if f:
+            base_lp, base_cache = fork_from
+            layers = getattr(base_cache, "layers", None)
+            if not layers or any(getattr(la, "keys", None) is None or la.keys.shape[-2] != len(ids) - 1
+                                 for la in layers):
+                raise ValueError("fork_from cache must be the baseline's, holding every fed token in each layer")
+            for i, la in enumerate(layers):
+                cache.update(la.keys[:, :, :f].clone(), la.values[:, :, :f].clone(), i)
+            out.append(base_lp[:f])
+            start = f
+        for s, e in _chunks(len(ids), protocol.chunk, start):
             logits = model(input_ids=x[:, s:e], use_cache=True, **{hf.cache_kwarg(model): cache}).logits
             out.append(torch.log_softmax(logits[0].float(), dim=-1).cpu().numpy())
-    return np.concatenate(out, axis=0)
+    return np.concatenate(out, axis=0), cache
 
 
-def _logprobs_mlx(model, ids, config, protocol):
+def _logprobs_mlx(model, ids, config, protocol, fork_from):
     import mlx.core as mx
 
     from .integrations import mlx_lm
@@ -83,13 +162,79 @@ def _logprobs_mlx(model, ids, config, protocol):
     simulate = protocol.mode == "simulated"
     cache = mlx_lm.baseline_cache(model) if config is None else mlx_lm.make_cache(model, config, simulate)
     x = mx.array([ids])
-    out = []
-    for s, e in _chunks(len(ids), protocol.chunk):
+    out, start = [], 0
+    f = fork_point(config, protocol, len(ids)) if fork_from is not None else 0
+    if f:
+        base_lp, base_cache = fork_from
+        if len(base_cache) != len(cache) or any(getattr(c, "offset", None) != len(ids) - 1 or c.keys is None
+                                                for c in base_cache):
+            raise ValueError("fork_from cache must be the baseline's, holding every fed token in each layer")
+        for c, b in zip(cache, base_cache):
+            c.update_and_fetch(mx.array(b.keys[..., :f, :]), mx.array(b.values[..., :f, :]))
+        mx.eval([c.state for c in cache])
+        out.append(base_lp[:f])
+        start = f
+    for s, e in _chunks(len(ids), protocol.chunk, start):
         logits = model(x[:, s:e], cache=cache)[0].astype(mx.float32)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(lp)
         out.append(np.array(lp))
-    return np.concatenate(out, axis=0)
+    return np.concatenate(out, axis=0), cache
+
+
+def held_bytes(cache, backend: str) -> dict:
+    """What a scoring's cache holds at the end, measured from its arrays.
+
+    Returns bytes by part (``codes``, ``norms``, ``sinks``, ``window`` and any other part the layer
+    stores count, e.g. ``other``, of compressed layers; ``uncompressed`` for the host library's own
+    layers, the whole baseline cache included), their
+    ``total``, the ``tokens`` held, ``channels`` (K plus V channels per token, summed over layers
+    and KV heads) and ``bits_per_channel`` = total * 8 / (tokens * channels). mlx-lm's own
+    ``KVCache`` allocates in steps of 256 tokens; its bytes are the allocation (what is held).
+    """
+    parts = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "uncompressed": 0}
+    channels = tokens = 0
+    if backend == "torch":
+        from .integrations import hf
+
+        tokens = int(cache.get_seq_length())
+        for layer in cache.layers:
+            store = getattr(layer, "store", None)
+            if isinstance(layer, hf.TurboQuantLayer):
+                if store is None:
+                    continue
+                for part, n in store.nbytes().items():
+                    parts[part] = parts.get(part, 0) + n
+                channels += _store_heads(store) * (store.qk.dim + store.qv.dim)
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                parts["uncompressed"] += layer.keys.nbytes + layer.values.nbytes
+                channels += layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1])
+    elif backend == "mlx":
+        from .integrations import mlx_lm
+
+        tokens = max((int(c.offset) for c in cache), default=0)
+        for c in cache:
+            if isinstance(c, mlx_lm.TurboQuantMLXCache):
+                if c.store is None:
+                    continue
+                for part, n in c.nbytes_parts().items():
+                    parts[part] = parts.get(part, 0) + n
+                channels += _store_heads(c.store) * (c.store.qk.dim + c.store.qv.dim)
+            elif getattr(c, "keys", None) is not None:
+                parts["uncompressed"] += int(c.nbytes)
+                channels += c.keys.shape[1] * (c.keys.shape[-1] + c.values.shape[-1])
+    else:
+        raise ValueError(f"backend must be 'torch' or 'mlx', got {backend!r}")
+    total = sum(parts.values())
+    bpc = total * 8 / (tokens * channels) if tokens and channels else float("nan")
+    return {**parts, "total": total, "tokens": tokens, "channels": channels, "bits_per_channel": bpc}
+
+
+def _store_heads(store) -> int:
+    for x in (store.sink_k, store.win_k, None if store.hist_k is None else store.hist_k.norms):
+        if x is not None:
+            return int(x.shape[1])
+    return 0
 
 
 def perplexity(lp: np.ndarray, ids) -> dict:
@@ -105,6 +250,9 @@ def _nll(lp, ids):
     return -lp[np.arange(len(lp)), t].astype(np.float64)
 
 
+_ROWS = 64
+
+
 def compare(base: np.ndarray, test: np.ndarray, ids) -> dict:
     """KL-divergence block of ``test`` against ``base`` (both (n, vocab) log-probs of one text).
 
@@ -118,8 +266,10 @@ def compare(base: np.ndarray, test: np.ndarray, ids) -> dict:
     diff = nt - nb
     ratio = math.exp(diff.mean())
     ratio_se = ratio * diff.std(ddof=1) / math.sqrt(n)
-    b64 = base.astype(np.float64)
-    kld = np.sum(np.exp(b64) * (b64 - test.astype(np.float64)), axis=-1)
+    kld = np.empty(n)
+    for s in range(0, n, _ROWS):  # float64 in blocks of rows: a 1024 x 49152 text needs no 400 MB temporaries
+        b64 = base[s:s + _ROWS].astype(np.float64)
+        kld[s:s + _ROWS] = np.sum(np.exp(b64) * (b64 - test[s:s + _ROWS].astype(np.float64)), axis=-1)
     kld = np.maximum(kld, 0.0)  # rounding can give -1e-12
     top = (base.argmax(-1) == test.argmax(-1)).astype(np.float64)
     p_top = top.mean()

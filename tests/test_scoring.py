@@ -1,0 +1,273 @@
+"""tq_core.scoring: the comparison statistics on synthetic log-probs, and scoring through a cache.
+
+The statistics tests build log-prob arrays by hand, so every expected number is known in closed
+form. The cache tests use a tiny random transformers Llama (2 layers, head_dim 32), not the real
+model, so they take about a second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tq_core import CacheConfig, scoring
+from tq_core.scoring import Protocol
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.fixture
+def synthetic():
+    """(log-probs (n, vocab), ids (n + 1,)) of a random text, float32 like a real scoring."""
+    rng = np.random.default_rng(0)
+    n, vocab = 400, 50
+    lp = _log_softmax(rng.normal(scale=2.0, size=(n, vocab))).astype(np.float32)
+    ids = rng.integers(0, vocab, size=n + 1)
+    return lp, ids
+
+
+# ---- perplexity ---------------------------------------------------------------------------------
+def test_perplexity_of_uniform_is_vocab():
+    vocab, n = 37, 20
+    lp = np.full((n, vocab), -math.log(vocab), dtype=np.float32)
+    ids = np.arange(n + 1) % vocab
+    p = scoring.perplexity(lp, ids)
+    assert p["ppl"] == pytest.approx(vocab, rel=1e-6)
+    assert p["ppl_se"] == pytest.approx(0.0, abs=1e-4)
+    assert p["tokens"] == n
+    assert p["nll"] == pytest.approx(math.log(vocab), rel=1e-6)
+
+
+def test_perplexity_reads_the_next_token(synthetic):
+    lp, ids = synthetic
+    nll = -np.array([lp[i, ids[i + 1]] for i in range(len(lp))], dtype=np.float64)
+    p = scoring.perplexity(lp, ids)
+    assert p["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-9)
+    assert p["ppl_se"] == pytest.approx(math.exp(nll.mean()) * nll.std(ddof=1) / math.sqrt(len(nll)), rel=1e-9)
+
+
+# ---- compare ------------------------------------------------------------------------------------
+def test_compare_identical_is_exact(synthetic):
+    lp, ids = synthetic
+    c = scoring.compare(lp, lp.copy(), ids)
+    assert c["tokens"] == len(lp)
+    assert c["kld_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert c["kld_max"] == pytest.approx(0.0, abs=1e-12)
+    assert c["kld_se"] == pytest.approx(0.0, abs=1e-12)
+    assert c["ppl_ratio"] == 1.0
+    assert c["dppl_pct"] == 0.0
+    assert c["ppl_ratio_se"] == 0.0
+    assert c["same_top1_pct"] == 100.0
+    assert c["same_top1_pct_se"] == 0.0
+    assert c["rms_dp_pct"] == 0.0
+    assert c["ppl"] == c["ppl_base"]
+
+
+def test_compare_known_kld_of_a_mixture():
+    """test = (1 - eps) base + eps uniform: KLD, PPL ratio and top-1 are known in closed form."""
+    vocab, n, eps = 8, 6, 0.2
+    rng = np.random.default_rng(1)
+    base_p = rng.dirichlet(np.ones(vocab), size=n)
+    test_p = (1 - eps) * base_p + eps / vocab
+    base, test = np.log(base_p), np.log(test_p)
+    ids = rng.integers(0, vocab, size=n + 1)
+    c = scoring.compare(base, test, ids)
+    kld = (base_p * (base - test)).sum(-1)
+    assert c["kld_mean"] == pytest.approx(kld.mean(), rel=1e-12)
+    assert c["kld_max"] == pytest.approx(kld.max(), rel=1e-12)
+    assert c["kld_median"] == pytest.approx(np.median(kld), rel=1e-12)
+    t = ids[1:]
+    diff = np.log(base_p[np.arange(n), t]) - np.log(test_p[np.arange(n), t])
+    assert c["ppl_ratio"] == pytest.approx(math.exp(diff.mean()), rel=1e-12)
+    # Mixing with uniform keeps the argmax: top-1 agrees everywhere.
+    assert c["same_top1_pct"] == 100.0
+
+
+def test_compare_shifted_logits_known_kld():
+    """Two-token distributions with logits shifted by d: KLD = p log(p/q) + (1-p) log((1-p)/(1-q))."""
+    n, d = 10, 1.5
+    base = _log_softmax(np.tile([0.0, 1.0], (n, 1)))
+    test = _log_softmax(np.tile([0.0, 1.0 - d], (n, 1)))  # flips the argmax
+    ids = np.ones(n + 1, dtype=int)
+    p, q = np.exp(base[0, 1]), np.exp(test[0, 1])
+    expect = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    c = scoring.compare(base, test, ids)
+    assert c["kld_mean"] == pytest.approx(expect, rel=1e-12)
+    assert c["kld_p99"] == pytest.approx(expect, rel=1e-12)
+    assert c["same_top1_pct"] == 0.0
+    # Every token is the same: the ratio is exact and the paired SE is zero.
+    assert c["ppl_ratio"] == pytest.approx(p / q, rel=1e-12)
+    assert c["dppl_pct"] == pytest.approx((p / q - 1) * 100, rel=1e-10)
+    assert c["ppl_ratio_se"] == pytest.approx(0.0, abs=1e-12)
+    assert c["rms_dp_pct"] == pytest.approx(abs(q - p) * 100, rel=1e-10)
+
+
+def test_compare_half_top1_binomial_se():
+    n = 100
+    base = _log_softmax(np.tile([0.0, 1.0], (n, 1)))
+    test = base.copy()
+    test[: n // 2] = _log_softmax(np.tile([1.0, 0.0], (n // 2, 1)))
+    c = scoring.compare(base, test, np.zeros(n + 1, dtype=int))
+    assert c["same_top1_pct"] == 50.0
+    assert c["same_top1_pct_se"] == pytest.approx(math.sqrt(0.25 / n) * 100)
+
+
+def test_compare_rejects_shape_mismatch(synthetic):
+    lp, ids = synthetic
+    with pytest.raises(ValueError, match="same shape"):
+        scoring.compare(lp, lp[:-1], ids)
+
+
+def test_protocol_validates():
+    with pytest.raises(ValueError, match="tokens"):
+        Protocol(tokens=0)
+    with pytest.raises(ValueError, match="chunk"):
+        Protocol(chunk=True)
+    with pytest.raises(ValueError, match="mode"):
+        Protocol(mode="fast")
+    assert "decode semantics" in Protocol(16, 1).describe()
+
+
+# ---- scoring through a cache (tiny random Llama) ------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    return model, ids
+
+
+def test_baseline_chunked_equals_single_pass(tiny):
+    model, ids = tiny
+    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
+    for chunk in (1, 5):
+        lp = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), chunk))
+        assert lp.shape == single.shape == (len(ids) - 1, model.config.vocab_size)
+        np.testing.assert_allclose(lp, single, atol=2e-5)
+        assert scoring.compare(single, lp, ids)["kld_mean"] < 1e-6  # float32 rounding only
+
+
+def test_decode_through_compressed_cache_differs_from_single_pass(tiny):
+    model, ids = tiny
+    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
+    config = CacheConfig(bits_k=4, bits_v=2, sinks=0, window=0)
+    lp = scoring.logprobs(model, ids, config, "torch", Protocol(len(ids), 1))
+    c = scoring.compare(single, lp, ids)
+    # The first position reads no history, so it matches; later ones read the codes.
+    np.testing.assert_allclose(lp[0], single[0], atol=2e-5)
+    assert c["kld_mean"] > 1e-5
+    assert np.abs(lp[1:] - single[1:]).max() > 1e-3
+
+
+def test_one_chunk_never_reads_the_cache(tiny):
+    """A single chunk attends to itself in full precision: compressed == baseline exactly."""
+    model, ids = tiny
+    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
+    lp = scoring.logprobs(model, ids, CacheConfig(sinks=0, window=0), "torch", Protocol(len(ids), len(ids)))
+    np.testing.assert_allclose(lp, single, atol=2e-5)
+
+
+def test_window_covers_history_matches_baseline(tiny):
+    """Sinks + window longer than the text: nothing is ever encoded, decode equals the baseline."""
+    model, ids = tiny
+    base = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), 1))
+    lp = scoring.logprobs(model, ids, CacheConfig(sinks=4, window=len(ids)), "torch", Protocol(len(ids), 1))
+    np.testing.assert_allclose(lp, base, atol=2e-5)
+
+
+def test_return_cache_reports_held_bytes(tiny):
+    model, ids = tiny
+    n = len(ids)
+    config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
+    lp, cache = scoring.logprobs(model, ids, config, "torch", Protocol(n, 1), return_cache=True)
+    held = scoring.held_bytes(cache, "torch")
+    # n - 1 tokens were fed (the last one is never scored); 2 sinks + 8 window in float32.
+    cfg = model.config
+    heads_layers = cfg.num_hidden_layers * cfg.num_key_value_heads
+    enc = (n - 1) - 10
+    per_vec = 32 * 4 // 8 + 32 * 2 // 8 + 2 * 2
+    assert held["total"] == heads_layers * (enc * per_vec + 10 * 32 * 2 * 4)
+    assert held["tokens"] == n - 1
+    base_lp, base_cache = scoring.logprobs(model, ids, None, "torch", Protocol(n, 1), return_cache=True)
+    assert scoring.held_bytes(base_cache, "torch")["total"] == heads_layers * (n - 1) * 32 * 2 * 4
+
+
+@pytest.mark.parametrize("config, chunk", [(CacheConfig(sinks=2, window=8), 1), (CacheConfig(sinks=2, window=8), 4),
+                                           (CacheConfig(sinks=0, window=0), 1)],
+                         ids=["s2w8-chunk1", "s2w8-chunk4", "plain-chunk1"])
+def test_fork_from_baseline_is_exact(tiny, config, chunk):
+    """Starting the compressed cache from the baseline's first sinks+window K/V changes nothing."""
+    model, ids = tiny
+    p = Protocol(len(ids), chunk)
+    base = scoring.logprobs(model, ids, None, "torch", p, return_cache=True)
+    full = scoring.logprobs(model, ids, config, "torch", p)
+    forked = scoring.logprobs(model, ids, config, "torch", p, fork_from=base)
+    assert scoring.fork_point(config, p) == (min(config.sinks + config.window, len(ids) - 1) // chunk) * chunk
+    np.testing.assert_array_equal(forked, full)
+
+
+def test_fork_from_rejects_a_foreign_baseline(tiny):
+    model, ids = tiny
+    p = Protocol(len(ids), 1)
+    base = scoring.logprobs(model, ids[:-4], None, "torch", Protocol(len(ids) - 4, 1), return_cache=True)
+    with pytest.raises(ValueError, match="fork_from"):
+        scoring.logprobs(model, ids, CacheConfig(sinks=2, window=8), "torch", p, fork_from=base)
+    with pytest.raises(TypeError, match="fork_from"):
+        scoring.logprobs(model, ids, CacheConfig(sinks=2, window=8), "torch", p, fork_from=base[0])
+
+
+def test_simulated_mode_quantizes_the_chunk_itself(tiny):
+    """Simulated mode: a chunk's own K/V are quantized too, so one chunk no longer equals the baseline."""
+    model, ids = tiny
+    n = len(ids)
+    plain = CacheConfig(sinks=0, window=0)
+    cache_mode = scoring.logprobs(model, ids, plain, "torch", Protocol(n, n))
+    sim = scoring.logprobs(model, ids, plain, "torch", Protocol(n, n, "simulated"))
+    assert np.abs(sim - cache_mode).max() > 1e-3
+    # With a window covering the text nothing is ever encoded, simulated or not.
+    wide = CacheConfig(sinks=0, window=n)
+    np.testing.assert_allclose(scoring.logprobs(model, ids, wide, "torch", Protocol(n, n, "simulated")), cache_mode,
+                               atol=2e-5)
+
+
+# ---- the same through mlx-lm (tiny random Llama) --------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_mlx():
+    mx = pytest.importorskip("mlx.core", reason="mlx-lm not installed: pip install 'tq-core[mlx-cpu]'")
+    llama = pytest.importorskip("mlx_lm.models.llama", reason="mlx-lm not installed: pip install 'tq-core[mlx-cpu]'")
+    mx.random.seed(0)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=97, head_dim=32, num_key_value_heads=2)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    ids = np.random.default_rng(1).integers(0, 97, size=40).tolist()
+    return model, ids
+
+
+def test_mlx_fork_is_exact_and_bytes_are_counted(tiny_mlx):
+    model, ids = tiny_mlx
+    n = len(ids)
+    p = Protocol(n, 1)
+    config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
+    base = scoring.logprobs(model, ids, None, "mlx", p, return_cache=True)
+    single = scoring.logprobs(model, ids, None, "mlx", Protocol(n, n))
+    assert scoring.compare(single, base[0], ids)["kld_mean"] < 1e-6
+    full, cache = scoring.logprobs(model, ids, config, "mlx", p, return_cache=True)
+    forked = scoring.logprobs(model, ids, config, "mlx", p, fork_from=base)
+    np.testing.assert_array_equal(forked, full)
+    assert scoring.compare(base[0], full, ids)["kld_mean"] > 1e-5  # it reads the codes
+    held = scoring.held_bytes(cache, "mlx")
+    enc = (n - 1) - 10
+    assert held["tokens"] == n - 1 and held["channels"] == 2 * 2 * 64
+    assert held["codes"] + held["norms"] == 2 * 2 * enc * (16 + 8 + 4)
+    assert held["sinks"] + held["window"] == 2 * 2 * 10 * 64 * 4  # float32 model
