@@ -40,7 +40,6 @@ Goldens are for the default model only: with ``--tq-model`` they are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -83,22 +82,6 @@ def new_tokens(request) -> int:
     return NEW_TOKENS[request.config.getoption("--tq-tier")]
 
 
-@contextlib.contextmanager
-def torch_threads(backend: str, n: int):
-    """Run torch CPU ops on ``n`` threads inside the block (restored after); no-op elsewhere."""
-    if backend != "torch-cpu":
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _config(name: str):
     if name == "baseline":
         return None
@@ -115,7 +98,7 @@ def generate(load_model, backend: str, config_name: str, prompt: str, n: int):
     if key not in _GEN:
         model, tok = load_model(backend)
         ids = prompts.chat_ids(tok, prompts.BY_NAME[prompt].text)
-        with torch_threads(backend, TORCH_THREADS):
+        with targets.torch_threads(TORCH_THREADS, backend):
             _GEN[key] = ids, generation.generate(model, tok, ids, _config(config_name), targets.lib(backend), n)
     return _GEN[key]
 

@@ -38,7 +38,6 @@ A 135M model misses some keys even uncompressed, so absolute accuracy is not gat
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,21 +68,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("length", LENGTHS[tier], ids=lambda v: f"length={v}")
     if "depth" in metafunc.fixturenames:
         metafunc.parametrize("depth", DEPTHS[tier], ids=lambda v: f"depth={v}")
-
-
-@contextlib.contextmanager
-def torch_threads(backend: str, n: int):
-    if backend != "torch-cpu":
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---- prompt ------------------------------------------------------------------------------------
@@ -242,7 +226,7 @@ def run_case(backend, length, depth, load_model, corpus, configs) -> dict:
         tok = prompts.hf_tokenizer(tokenizer)
         window = max(c.window for c in configs.values())
         case = build(tok, corpus, length, depth, window)
-        with torch_threads(backend, TORCH_THREADS):
+        with targets.torch_threads(TORCH_THREADS, backend):
             base = prefill(backend, model, case.context)
             answers = {}
             for name, cfg in configs.items():
@@ -322,7 +306,7 @@ def test_prefill_equivalence(backend, load_model, corpus, request):
     tok = prompts.hf_tokenizer(tokenizer)
     ids = haystack(tok, corpus)[0][:EQUIVALENCE_TOKENS]
     assert cfg.sinks + cfg.window < len(ids) <= PREFILL_CHUNK
-    with torch_threads(backend, TORCH_THREADS):
+    with targets.torch_threads(TORCH_THREADS, backend):
         forked = fork(backend, model, prefill(backend, model, ids), cfg)
         if targets.lib(backend) == "mlx":
             import mlx.core as mx

@@ -180,19 +180,8 @@ def scorer(load_model, corpus, real_spec):
 def _cpu_threads():
     """scoring.logprobs picks one torch thread for decode steps; the rest of this module's torch
     work (one-pass baselines, comparisons) is small too."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
+    with targets.torch_threads(1):
         yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---- recording ----------------------------------------------------------------------------------

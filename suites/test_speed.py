@@ -113,20 +113,8 @@ def _threads_wanted() -> int:
 @pytest.fixture(autouse=True, scope="module")
 def _torch_threads():
     """Pin torch's CPU thread pool for this module (restored afterwards); see the module docstring."""
-    import importlib.util
-
-    n = _threads_wanted()
-    if n == 0 or importlib.util.find_spec("torch") is None:
+    with targets.torch_threads(_threads_wanted()):
         yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _conditions(backend: str) -> dict:
