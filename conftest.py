@@ -50,6 +50,9 @@ def pytest_configure(config):
         "seed": SEED,
         "corpus": {"source": corpus.source, "sha256": corpus.sha256, "chars": len(corpus.text)},
         "model": config.getoption("--tq-model") or model_registry.DEFAULT_REAL.name,
+        # Which BLAS MLX used on CPU: the wheel's reference BLAS is ~20x slower than OpenBLAS.
+        "mlx_blas": "openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
+        else "mlx wheel default",
     }
 
 
