@@ -12,26 +12,12 @@ generation went from ~28 s to ~4 s for 20 tokens with one thread).
 from __future__ import annotations
 
 import os
-import random
-import sys
-
-import numpy as np
 import pytest
 
-SEED = 0
+from fixtures import targets
+
 CORPUS_TOKENS = 1100
 MLX_HINT = "mlx-lm not installed: pip install 'tq-core[mlx-cpu]'"
-
-
-@pytest.fixture(autouse=True)
-def _seed_backends():
-    """Seed python, numpy, torch and mlx (those already imported) before every test."""
-    random.seed(SEED)
-    np.random.seed(SEED)
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(SEED)
-    if "mlx.core" in sys.modules:
-        sys.modules["mlx.core"].random.seed(SEED)
 
 
 def _require_default_model():
@@ -47,17 +33,13 @@ def _require_default_model():
 @pytest.fixture(scope="session")
 def hf_model():
     """(model, tokenizer) of the default model with transformers, fp32, CPU, eval mode."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tq_core import models
 
     _require_default_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("TQ_TEST_TORCH_THREADS", "1")))
-    try:
+    with targets.torch_threads(int(os.environ.get("TQ_TEST_TORCH_THREADS", "1"))):
         yield models.load_hf()
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
