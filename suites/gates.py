@@ -171,20 +171,50 @@ def check_history_encoded(encoded_tokens: int, tokens: int, config) -> None:
 
 
 # ==== generation and needle (suites/test_generation.py, suites/test_needle.py) ====================
-# Section owned by the generation and needle suites. PROVISIONAL: being measured.
-GEN_MEAN_MATCH_MIN: dict = {}
-PLAIN_K4V2_FULL_MATCH_MAX = 1.0
-NEEDLE_MAX_LOST: dict = {}
+# Section owned by the generation and needle suites. SmolLM2-135M, greedy decoding, compressed
+# cache vs the host library's own cache in the same run. Results are deterministic for a backend
+# and build; they move only when code or versions do, and then by whole tokens: a compressed cache
+# flips a greedy choice where the baseline's top two tokens are nearly tied, and after a flip the
+# texts run apart (positional match rate ~ first divergence / tokens). Hence loose floors.
+#
+# Mean token match rate over the tier's prompts, (tier, config) -> floor. Measured, torch-cpu / mlx:
+#   default (prompt "story", 48 tokens): K4V2 1.000 / 1.000 (no divergence; plain K4V2 leaves at 93)
+#   nightly (6 prompts, 128 tokens): K4V4 0.292 / 0.246, K4V3 0.292 / 0.242, K4V2 0.283 / 0.319,
+#     K3V3 0.099 / 0.089, K3V2 0.128 / 0.095, K2V2 0.081 / 0.018, plain K4V2 0.303 / 0.238
+#   (results 20261128T060333 default, 20261128T044810 nightly). The nightly K4 floor sits below one
+#   flip of "story" (1/6 of the mean) and above every K3/K2 mean measured; K2V2 is recorded only.
+GEN_MEAN_MATCH_MIN = {
+    ("default", "K4V2"): 0.5,
+    ("nightly", "K4V4"): 0.15,
+    ("nightly", "K4V3"): 0.15,
+    ("nightly", "K4V2"): 0.15,
+    ("nightly", "K3V3"): 0.04,
+    ("nightly", "K3V2"): 0.04,
+}
+# Two-sided: the codes alone (plain K4V2: no sinks, no window) must change the greedy output.
+# Measured nightly: it reproduces the baseline on 0 of 6 prompts on both backends (first
+# divergence 1..93); a cache that stops reading its codes reproduces it on all.
+PLAIN_K4V2_FULL_MATCH_MAX = 1 / 3  # fraction of prompts reproduced exactly
 
 
 def check_generation(config_name: str, tier: str, mean_rate: float, rates) -> None:
     lo = GEN_MEAN_MATCH_MIN.get((tier, config_name))
     if lo is not None:
-        assert mean_rate >= lo, f"{config_name}: mean match rate {mean_rate:.3f} < {lo} ({tier} tier), per prompt {rates}"
+        assert mean_rate >= lo, (
+            f"{config_name}: mean token match rate {mean_rate:.3f} < {lo} ({tier} tier); per prompt "
+            f"{[round(r, 3) for r in rates]}")
 
 
 def check_plain_generation(tier: str, rates) -> None:
-    pass
+    full = sum(r == 1.0 for r in rates) / len(rates)
+    assert full <= PLAIN_K4V2_FULL_MATCH_MAX, (
+        f"plain K4V2 reproduces the baseline exactly on {full:.0%} of prompts (> {PLAIN_K4V2_FULL_MATCH_MAX:.0%}, "
+        f"{tier} tier): the cache is not reading its codes; per prompt {[round(r, 3) for r in rates]}")
+
+
+# Needle: cases of the (length, depth) grid where the baseline retrieves the key and the config
+# does not, net of the reverse, (tier, config) -> allowed. PROVISIONAL (being measured).
+NEEDLE_MAX_LOST: dict = {}
 
 
 def check_needle(tier: str, retrieved: dict, cases: int) -> None:
@@ -198,13 +228,15 @@ def check_needle(tier: str, retrieved: dict, cases: int) -> None:
 # own sampling SE (what the data can tell apart), two-sided on KLD: a cache whose KLD falls far
 # below its measured value has stopped reading (some of) its codes.
 PPL_SE_TOL = 3.0
-# Lower side for every compressed scoring, measured or not: 2000x the decode-vs-one-pass floor
-# (4.9e-8 at 511 positions) and >= 10x below the smallest KLD measured (K4V3 decode, 0.0024).
+# Lower side for every compressed scoring, measured or not: 1e7 x the decode-vs-one-pass floor
+# (1e-11) and >= 10x below the smallest KLD measured (K4V4 chunk 64 at 1024 tokens, 0.0028).
 PPL_KLD_READS_CODES = 1e-4
 # (config name, positions scored, chunk, mode) -> measured on torch-cpu: KLD mean ± SE,
 # ΔPPL % ± paired SE, same-top-1 % ± SE. Filled from the runs named in each comment.
 PPL_MEASURED: dict = {
-    # 512 tokens, decode semantics, torch-cpu (= the brief's table, reproduced to 4 digits)
+    # 384 tokens, decode semantics (the default tier), torch-cpu (run 20261128T062715)
+    ("K4V2", 383, 1, "cache"): dict(kld=0.003940, kld_se=0.00053, dppl=1.39, dppl_se=0.56, top1=97.91, top1_se=0.73),
+    # 512 tokens, decode semantics (nightly test_headline), torch-cpu: the README's numbers to 4 digits
     ("K4V2", 511, 1, "cache"): dict(kld=0.004994, kld_se=0.000442, dppl=0.713, dppl_se=0.562, top1=97.46, top1_se=0.70),
     # 512 tokens, chunks of 64, torch-cpu (run 20261128T045810)
     ("K4V2", 511, 64, "cache"): dict(kld=0.003890, kld_se=0.000405, dppl=0.778, dppl_se=0.500, top1=97.65, top1_se=0.67),
@@ -213,7 +245,32 @@ PPL_MEASURED: dict = {
     ("K4V2-plain", 511, 64, "cache"): dict(kld=0.03740, kld_se=0.00278, dppl=5.92, dppl_se=1.46, top1=93.15, top1_se=1.12),
     ("K4V2-plain", 511, 64, "simulated"): dict(kld=0.2037, kld_se=0.0137, dppl=30.18, dppl_se=4.40, top1=77.69,
                                                top1_se=1.84),
+    # nightly: 1024 tokens, torch-cpu (run 20261128T052110). Decode semantics:
+    ("K4V2", 1023, 1, "cache"): dict(kld=0.008589, kld_se=0.00066, dppl=0.906, dppl_se=0.46, top1=96.29, top1_se=0.59),
+    ("K4V3", 1023, 1, "cache"): dict(kld=0.004179, kld_se=0.00033, dppl=-0.011, dppl_se=0.32, top1=96.97, top1_se=0.54),
+    ("K3V2", 1023, 1, "cache"): dict(kld=0.016664, kld_se=0.0011, dppl=2.56, dppl_se=0.62, top1=94.23, top1_se=0.73),
+    ("K4V4", 1023, 1, "cache"): dict(kld=0.003263, kld_se=0.00031, dppl=0.034, dppl_se=0.29, top1=97.85, top1_se=0.45),
+    ("K3V3", 1023, 1, "cache"): dict(kld=0.013291, kld_se=0.00084, dppl=1.93, dppl_se=0.56, top1=94.62, top1_se=0.71),
+    ("K2V2", 1023, 1, "cache"): dict(kld=0.06769, kld_se=0.0039, dppl=11.7, dppl_se=1.5, top1=88.95, top1_se=0.98),
+    ("K4V2-plain", 1023, 1, "cache"): dict(kld=0.16156, kld_se=0.0063, dppl=19.0, dppl_se=2.3, top1=81.33, top1_se=1.22),
+    ("K4V2-plain", 1023, 1, "simulated"): dict(kld=0.18154, kld_se=0.0097, dppl=22.7, dppl_se=2.7, top1=80.06,
+                                               top1_se=1.25),
+    ("K4V2", 1023, 1, "simulated"): dict(kld=0.008542, kld_se=0.00069, dppl=0.968, dppl_se=0.46, top1=96.48, top1_se=0.58),
+    # ... chunks of 64:
+    ("K4V2", 1023, 64, "cache"): dict(kld=0.006968, kld_se=0.00057, dppl=0.577, dppl_se=0.42, top1=96.77, top1_se=0.55),
+    ("K4V3", 1023, 64, "cache"): dict(kld=0.003486, kld_se=0.00029, dppl=0.102, dppl_se=0.28, top1=96.87, top1_se=0.54),
+    ("K3V2", 1023, 64, "cache"): dict(kld=0.014503, kld_se=0.0012, dppl=2.23, dppl_se=0.55, top1=94.23, top1_se=0.73),
+    ("K4V4", 1023, 64, "cache"): dict(kld=0.002841, kld_se=0.00027, dppl=-0.090, dppl_se=0.27, top1=97.85, top1_se=0.45),
+    ("K3V3", 1023, 64, "cache"): dict(kld=0.011245, kld_se=0.0008, dppl=1.89, dppl_se=0.54, top1=95.21, top1_se=0.67),
+    ("K2V2", 1023, 64, "cache"): dict(kld=0.057017, kld_se=0.0036, dppl=9.16, dppl_se=1.4, top1=90.71, top1_se=0.91),
+    ("K4V2-plain", 1023, 64, "cache"): dict(kld=0.037914, kld_se=0.0019, dppl=4.58, dppl_se=1.0, top1=92.18, top1_se=0.84),
+    ("K4V2-plain", 1023, 64, "simulated"): dict(kld=0.18654, kld_se=0.0099, dppl=24.8, dppl_se=2.9, top1=80.06,
+                                                top1_se=1.25),
+    ("K4V2", 1023, 64, "simulated"): dict(kld=0.011332, kld_se=0.0008, dppl=1.29, dppl_se=0.52, top1=95.80, top1_se=0.63),
 }
+# Decode semantics at 512 tokens for K3V2, K4V3 and plain K4V2 (torch-cuda's default tier) have no
+# row yet: the brief quotes K3V2 +1.75 % / KLD 0.0091, K4V3 -0.20 % / 0.0024, plain +19.4 % /
+# 0.166 without SEs; they get the lower side only until measured with SEs.
 
 
 def check_perplexity(config_name: str, cmp: dict, chunk: int = 1, backend: str | None = None,
@@ -237,8 +294,11 @@ def check_perplexity(config_name: str, cmp: dict, chunk: int = 1, backend: str |
 
 
 # Baseline fed one token at a time vs one forward pass, same backend: float rounding only.
-# Measured torch-cpu 511 positions: KLD 4.9e-8 (max 3.7e-7), ΔPPL -0.00002 %.
-DECODE_NOISE_KLD_MAX = 1e-6
+# Measured (KLD of float64-renormalized log-probs, scoring.compare): torch-cpu 383 / 511 positions
+# 1.0e-11 (max 9.7e-11), ΔPPL -0.00002 %; mlx 199 positions 1.0e-11 (max 8e-11). Before the
+# renormalization the float32 normalization error read as 4.9e-8 (torch) and 3.4e-7 (mlx).
+# The limit leaves room for other hardware (GPU accumulation orders).
+DECODE_NOISE_KLD_MAX = 1e-7
 DECODE_NOISE_DPPL_PCT_MAX = 0.01
 
 
@@ -252,7 +312,10 @@ def check_decode_noise_floor(cmp: dict) -> None:
 
 # Baseline PPL of another backend vs torch-cpu, one forward pass, same ids (the brief: 0.5 %).
 CROSS_BACKEND_PPL_TOL = 0.005
-CROSS_BACKEND_KLD_MAX = 1e-4
+# Measured mlx (CPU, OpenBLAS) vs torch-cpu, one pass: 512 tokens KLD 1.7e-11 (max 3.1e-10), ΔPPL
+# -0.00002 % (-0.013 % before scoring normalized mlx's log-probs in float64); the rope_theta trap
+# (mlx at rope_theta 10000) moves PPL +7.4 % at 256 tokens.
+CROSS_BACKEND_KLD_MAX = 1e-6
 
 
 def check_cross_backend(ppl_torch: float, ppl_mlx: float) -> None:

@@ -31,8 +31,7 @@ were made with. ``test_golden`` compares today's tokens with the golden's first 
 exactly (same backend only; a backend without an entry is skipped) and names the prompt and first
 differing index on a mismatch. Regenerate (all prompts, both backends; run without xdist):
 
-    TQ_UPDATE_GOLDENS=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        pytest suites/test_generation.py -k golden --tq-tier nightly --tq-target torch-cpu,mlx
+    TQ_UPDATE_GOLDENS=1 pytest suites/test_generation.py -k golden --tq-tier nightly --tq-target torch-cpu,mlx
 
 With ``TQ_UPDATE_GOLDENS=1`` the golden tests write (merge into the file) instead of comparing.
 Goldens are for the default model only: with ``--tq-model`` they are skipped.

@@ -20,27 +20,31 @@ model, so sinks and window are held in float32: at 511 tokens they are 132 of th
 bits_per_channel (the baseline cache holds 32 bits per channel). Labels: mode, chunk, tokens,
 sinks, window, baseline="uncompressed cache, same run", extra=<name> for protocol extras.
 
-Tiers. Costs on the 2-core CPU box (torch on one thread, MLX with OpenBLAS preloaded), measured
-quiet / under the usual load of other jobs: one decode step of SmolLM2-135M is ~62 ms / up to
-~200 ms in torch (it streams 540 MB of float32 weights), a compressed step ~25-40 ms more (encode
-the token leaving the window, decode the whole history); mlx steps cost ~0.1 / 0.25 s. A
-compressed decode takes its first sinks + window = 132 positions from the baseline exactly
-(``scoring.logprobs(fork_from=...)``), so K4V2 default runs 379 of 511 steps.
+Tiers. Costs on the 2-core CPU box (torch on one thread, MLX with OpenBLAS preloaded): one
+decode step of SmolLM2-135M is ~62 ms in torch (it streams 540 MB of float32 weights), ~86 ms
+with OpenBLAS preloaded (the preload takes over torch's sgemv/sgemm: a 1x576x1536 linear goes
+from 110 to 370 us); a compressed step ~25-40 ms more (encode the token leaving the window,
+decode the whole history); mlx steps 0.1-0.25 s. A compressed decode takes its first
+sinks + window = 132 positions from the baseline exactly (``scoring.logprobs(fork_from=...)``).
+Under the usual load of other jobs everything takes 1.5-3x longer.
 
-* default (budget 120 s; ~100 s on a quiet box):
-  - torch-cpu, 512 tokens, decode semantics: baseline + the headline K4V2 (4 sinks + 128
-    window), the README's numbers. Chunk 64 (8 forwards each, cheap): K4V2, plain K4V2 (no
-    sinks, no window; two-sided: far above the noise floor), plain K4V2 in simulated mode. Noise
-    floor: baseline decode vs one pass. (K3V2 and K4V3 at chunk 64 would add ~3 s each.)
-  - mlx, 512 tokens: K4V2 at chunk 64 (same gates as torch), and the cross-backend floor: one
-    pass vs torch-cpu (gate: baseline PPL within 0.5 %).
+* default (budget 120 s; measured ~105 s with the preload at load ~3):
+  - torch-cpu: decode semantics at 384 tokens: baseline + the headline K4V2 (4 sinks + 128
+    window; 251 positions read codes). Chunk 64 at 512 tokens (8 forwards each, cheap): K4V2,
+    plain K4V2 (no sinks, no window; two-sided: far above the noise floor), plain K4V2 in
+    simulated mode. Noise floor: baseline decode vs one pass.
+  - mlx, 512 tokens: K4V2 at chunk 64 (the same gates as torch: the two agree to 4 digits),
+    and the cross-backend floor: one pass vs torch-cpu (gate: baseline PPL within 0.5 %).
   - torch-cuda (decode steps are cheap on a GPU): every config of the tier at decode semantics
     and chunk 64, plain and simulated both ways.
-  Other configs and protocols are skipped in the default tier, each with its reason.
-* nightly: 1024 tokens, every backend, every config (``fixtures.configs`` nightly tier) at
-  decode semantics and at chunk 64; the extras: plain K4V2 at decode semantics (the headline
-  comparison the issue quotes), simulated mode (plain and default K4V2, decode and chunk 64),
-  the decode-vs-one-pass floor on every backend, the cross-backend floor at 1024 tokens.
+  Other configs and protocols are skipped in the default tier, each with its reason. (512-token
+  decode, the README's table, costs ~25 s more than 384 with the preload: nightly.)
+* nightly (~26 min torch-cpu, ~33 min mlx under load): 1024 tokens, every backend, every config
+  (``fixtures.configs`` nightly tier) at decode semantics and at chunk 64; the extras: plain K4V2
+  at decode semantics (the headline comparison the issue quotes), simulated mode (plain and
+  default K4V2, decode and chunk 64), the decode-vs-one-pass floor on every backend, the
+  cross-backend floor at 1024 tokens; and ``test_headline``: K4V2 at 512 tokens, decode
+  semantics, gated on the README's numbers.
 
 Gates (``suites/gates.py``, perplexity section) are two-sided where a result can be too good:
 a compressed cache whose KLD sits at the noise floor is not being read. The goal (K4V2 default,
@@ -67,6 +71,16 @@ CHUNK = 64  # the chunked protocol extra
 # Tokens scored, per tier: decode semantics (chunk=1), the chunk-64 extras, and the one-pass
 # cross-backend floor. Every backend scores the same tokens, so results compare across backends.
 TOKENS = {"default": 512, "nightly": 1024}
+# Decode semantics (chunk=1) in the default tier scores 384 tokens: 512 (the README's table) no
+# longer fits the 120 s budget once OpenBLAS is preloaded for mlx, which slows torch's float32
+# GEMV ~1.4x per decode step. The 512-token headline runs nightly (test_headline).
+DECODE_TOKENS = {"default": 384, "nightly": 1024}
+HEADLINE_TOKENS = 512
+
+
+def tokens_for(request, chunk: int) -> int:
+    tier = request.config.getoption("--tq-tier")
+    return DECODE_TOKENS[tier] if chunk == 1 else TOKENS[tier]
 # What the default tier runs on each backend; everything else of this module is nightly only.
 # torch-cpu: the headline decode scoring + the cheap chunk-64 extras. mlx on CPU: a decode step
 # costs 0.1-0.25 s there, so decode semantics is nightly; the default tier checks its compressed
@@ -243,23 +257,37 @@ def measure(scorer, backend, config, protocol, record, *, extra=None):
 
 
 # ---- decode semantics: every config of the tier -------------------------------------------------
+def record_goal(record, cmp: dict, held: dict, labels: dict) -> None:
+    """The project goal for K4/V2 default under decode semantics (a target, not a gate)."""
+    met = cmp["dppl_pct"] <= GOAL_DPPL_PCT and cmp["kld_mean"] <= GOAL_KLD
+    record("goal_met", float(met), "bool", goal=f"dppl_pct <= {GOAL_DPPL_PCT} and kld_mean <= {GOAL_KLD}",
+           bits_per_channel=round(held["bits_per_channel"], 4), **labels)
+
+
 def test_perplexity(backend, config_name, cache_config, scorer, record, request):
     default_tier_runs(request, backend, "decode", config_name)
-    protocol = Protocol(TOKENS[tier_of(request)], 1)
+    protocol = Protocol(tokens_for(request, 1), 1)
     cmp, held = measure(scorer, backend, cache_config, protocol, record)
-    labels = protocol_labels(cache_config, protocol, scorer.spec)
     if config_name == "K4V2":
-        met = cmp["dppl_pct"] <= GOAL_DPPL_PCT and cmp["kld_mean"] <= GOAL_KLD
-        record("goal_met", float(met), "bool", goal=f"dppl_pct <= {GOAL_DPPL_PCT} and kld_mean <= {GOAL_KLD}",
-               bits_per_channel=round(held["bits_per_channel"], 4), **labels)
+        record_goal(record, cmp, held, protocol_labels(cache_config, protocol, scorer.spec))
     gates.check_perplexity(config_name, cmp, chunk=1, backend=backend)
+
+
+@pytest.mark.nightly
+def test_headline(backend, scorer, record):
+    """K4V2 default at 512 tokens, decode semantics: the README's numbers, gated as measured."""
+    config = registry.CONFIGS["K4V2"]
+    protocol = Protocol(HEADLINE_TOKENS, 1)
+    cmp, held = measure(scorer, backend, config, protocol, record, extra="headline")
+    record_goal(record, cmp, held, protocol_labels(config, protocol, scorer.spec, extra="headline"))
+    gates.check_perplexity("K4V2", cmp, chunk=1, backend=backend)
 
 
 # ---- protocol extras ----------------------------------------------------------------------------
 def test_perplexity_chunked(backend, config_name, cache_config, scorer, record, request):
     """Chunks of 64 tokens (each attends to itself in full precision): cheap, so the whole tier."""
     default_tier_runs(request, backend, "chunked", config_name)
-    protocol = Protocol(TOKENS[tier_of(request)], CHUNK)
+    protocol = Protocol(tokens_for(request, CHUNK), CHUNK)
     cmp, _ = measure(scorer, backend, cache_config, protocol, record, extra=f"chunk{CHUNK}")
     gates.check_perplexity(config_name, cmp, chunk=CHUNK, backend=backend)
 
@@ -273,7 +301,7 @@ def test_plain(backend, chunk, scorer, record, request):
     """
     default_tier_runs(request, backend, "plain", chunk)
     config = registry.PLAIN["K4V2-plain"]
-    protocol = Protocol(TOKENS[tier_of(request)], chunk)
+    protocol = Protocol(tokens_for(request, chunk), chunk)
     cmp, held = measure(scorer, backend, config, protocol, record, extra="plain")
     assert held["sinks"] == held["window"] == 0
     gates.check_perplexity("K4V2-plain", cmp, chunk=chunk, backend=backend)
@@ -292,7 +320,7 @@ def test_simulated(backend, chunk, variant, scorer, record, request):
     """
     default_tier_runs(request, backend, "simulated", (chunk, variant))
     config = registry.PLAIN["K4V2-plain"] if variant == "plain" else registry.CONFIGS["K4V2"]
-    n = TOKENS[tier_of(request)]
+    n = tokens_for(request, chunk)
     cache_cmp, cache_lp, _, _ = scorer.compressed(backend, config, Protocol(n, chunk))
     protocol = Protocol(n, chunk, "simulated")
     base_lp = scorer.baseline(backend, Protocol(n, chunk))[0]
@@ -320,7 +348,7 @@ def test_simulated(backend, chunk, variant, scorer, record, request):
 def test_noise_floor_decode_vs_one_pass(backend, scorer, record, request):
     """The uncompressed cache fed one token at a time vs one forward pass: float rounding only."""
     default_tier_runs(request, backend, "decode_floor")
-    n = TOKENS[tier_of(request)]
+    n = tokens_for(request, 1)
     decode = Protocol(n, 1)
     one = Protocol(n, n)
     dec_lp = scorer.baseline(backend, decode)[0]

@@ -363,7 +363,7 @@ def mlx_gemm_gflops() -> float:
     """fp32 GEMM rate of mlx here, best of 3 (measured once per process).
 
     The Linux ``mlx[cpu]`` wheel ships a reference BLAS (~1 GFLOP/s on a 2-core VM); with a system
-    OpenBLAS preloaded (what ``nox`` does) it runs ~40 GFLOP/s. Metal is faster still.
+    OpenBLAS (``tq_core.blas`` loads it when present) it runs 40-170 GFLOP/s. Metal is faster still.
     """
     if "mlx" not in _GEMM:
         import mlx.core as mx
@@ -391,12 +391,12 @@ def _prompt_ids(tokenizer, corpus, n: int) -> list[int]:
 def test_model_tokens_per_s(backend, tier, request, corpus, real_spec, load_model, benchmark, record):
     nightly = request.config.getoption("--tq-tier") == "nightly"
     if backend == "mlx" and not nightly and _mlx_on_cpu():
-        # Linux CPU mlx: ~25 s of CPU even with OpenBLAS preloaded (minutes with the wheel's reference
+        # Linux CPU mlx: ~25 s of CPU even with OpenBLAS (minutes with the wheel's reference
         # BLAS, see mlx_gemm_gflops); the default tier's budget keeps it to the codec and cache tests.
         pytest.skip("mlx on CPU: the real-model tokens/s run with --tq-tier nightly (default-tier time budget)")
     if backend == "mlx" and (gflops := mlx_gemm_gflops()) < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (the Linux wheel's reference BLAS): each "
-                    f"{tier['prompt']}-token prefill takes minutes; preload OpenBLAS as nox does")
+                    f"{tier['prompt']}-token prefill takes minutes; install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)")
     model, tokenizer = load_model(backend)
     runner = ModelRunner(backend, model, tokenizer, _prompt_ids(tokenizer, corpus, tier["prompt"]))
     runner.warm(CONFIG)

@@ -434,7 +434,7 @@ def real_baselines(request):
 
     if (gflops := mlx_gemm_gflops()) < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (reference BLAS): two {ROPE_TOKENS}-token "
-                    "passes take minutes; preload OpenBLAS as nox does")
+                    "passes take minutes; install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)")
     import mlx_lm
     import torch
 

@@ -352,6 +352,9 @@ def load_mlx(model: str | os.PathLike | None = None):
     Weights keep the dtype stored in the safetensors (float32 for the
     converted default).
     """
+    from .blas import use_openblas
+
+    use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
     import mlx_lm
 
     src = ensure_local(model)

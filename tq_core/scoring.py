@@ -150,7 +150,7 @@ def _logprobs_torch(model, ids, config, protocol, fork_from, threads):
             start = f
         for s, e in _chunks(len(ids), protocol.chunk, start):
             logits = model(input_ids=x[:, s:e], use_cache=True, **{hf.cache_kwarg(model): cache}).logits
-            out.append(torch.log_softmax(logits[0].float(), dim=-1).cpu().numpy())
+            out.append(torch.log_softmax(logits[0].double(), dim=-1).float().cpu().numpy())  # see _log_softmax
     return np.concatenate(out, axis=0), cache
 
 
@@ -176,10 +176,22 @@ def _logprobs_mlx(model, ids, config, protocol, fork_from):
         start = f
     for s, e in _chunks(len(ids), protocol.chunk, start):
         logits = model(x[:, s:e], cache=cache)[0].astype(mx.float32)
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.eval(lp)
-        out.append(np.array(lp))
+        mx.eval(logits)
+        out.append(_log_softmax(np.array(logits)))
     return np.concatenate(out, axis=0), cache
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 log-probs normalized in float64.
+
+    Both backends normalize in float64 so their scorings differ only by the model's arithmetic:
+    mlx's float32 ``logits - logsumexp(logits)`` on CPU (mlx 0.32) leaves rows under-normalized by
+    ~1.3e-4 nats (max 2.3e-4; torch's float32 log_softmax: ~1e-5), which alone moved the mlx
+    baseline PPL by -0.013 % against torch.
+    """
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return (x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))).astype(np.float32)
 
 
 def held_bytes(cache, backend: str) -> dict:
@@ -253,6 +265,19 @@ def _nll(lp, ids):
 _ROWS = 64
 
 
+def _renormalized(lp: np.ndarray) -> np.ndarray:
+    """float64 log-probs that sum to 1 in float64.
+
+    float32 log-softmax leaves each row normalized only to ~1e-7; a row-constant offset c between
+    two scorings adds c to their KLD at first order, while the KLD of two nearly equal
+    distributions is second order (~1e-9 for two backends' rounding). Without this, near-identical
+    scorings read as exactly 0 (clamped) or as their normalization error.
+    """
+    x = lp.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
 def compare(base: np.ndarray, test: np.ndarray, ids) -> dict:
     """KL-divergence block of ``test`` against ``base`` (both (n, vocab) log-probs of one text).
 
@@ -268,8 +293,8 @@ def compare(base: np.ndarray, test: np.ndarray, ids) -> dict:
     ratio_se = ratio * diff.std(ddof=1) / math.sqrt(n)
     kld = np.empty(n)
     for s in range(0, n, _ROWS):  # float64 in blocks of rows: a 1024 x 49152 text needs no 400 MB temporaries
-        b64 = base[s:s + _ROWS].astype(np.float64)
-        kld[s:s + _ROWS] = np.sum(np.exp(b64) * (b64 - test[s:s + _ROWS].astype(np.float64)), axis=-1)
+        b64 = _renormalized(base[s:s + _ROWS])
+        kld[s:s + _ROWS] = np.sum(np.exp(b64) * (b64 - _renormalized(test[s:s + _ROWS])), axis=-1)
     kld = np.maximum(kld, 0.0)  # rounding can give -1e-12
     top = (base.argmax(-1) == test.argmax(-1)).astype(np.float64)
     p_top = top.mean()

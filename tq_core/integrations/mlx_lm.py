@@ -9,6 +9,10 @@ callers may pass ``prompt_cache=make_cache(model, config)`` explicitly.
 
 from __future__ import annotations
 
+from ..blas import use_openblas
+
+use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
+
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
+from ..blas import use_openblas
+
+use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
+
 import mlx.core as mx
 import numpy as np
 
