@@ -1,7 +1,9 @@
 """The top of a report: gates from the test outcomes, and the headline numbers per config.
 
-A headline number is one record picked from a suite (the real model's, at the longest context
-measured, else the first); it carries the labels it was measured through and its baseline.
+A headline number is one record picked from a suite: the real model's, from the suite's own
+protocol rather than a labelled extra (perplexity: decode semantics through the cache, not
+``extra=chunk64`` / ``simulated``), at the longest context measured, else the first. It carries
+the labels it was measured through and its baseline.
 """
 
 from __future__ import annotations
@@ -111,11 +113,16 @@ def find(recs: list[dict], *patterns: str, suite: str | None = None) -> list[dic
 
 
 def pick(cands: list[dict], run_model: str | None) -> dict | None:
-    """The record that stands for a config: the run's real model, the longest context, else the first."""
+    """The record that stands for a config: the run's real model, no ``extra`` label (a protocol
+    extra) and mode ``cache`` where there is one, the longest context, else the first."""
     if not cands:
         return None
     if run_model and any(r.get("model") == run_model for r in cands):
         cands = [r for r in cands if r.get("model") == run_model]
+    if any(r.get("extra") is None for r in cands):
+        cands = [r for r in cands if r.get("extra") is None]
+    if any(r.get("mode") == "cache" for r in cands):
+        cands = [r for r in cands if r.get("mode") in ("cache", None)]
     for size in SIZE_LABELS:
         sizes = [r.get(size) for r in cands]
         if any(v is not None for v in sizes):

@@ -279,3 +279,19 @@ def test_suite_with_outcomes_but_no_records_has_no_dangling_link(tmp_path):
     assert "ghost" in html and "FAIL" in html
     external, broken, _ = browser.links(page, html)
     assert not external and not broken, broken
+
+
+def test_headline_prefers_the_suites_own_protocol_over_extras():
+    from reports import summary
+
+    def rec(value, **labels):
+        return {"suite": "perplexity", "metric": "kld_mean", "value": value, "error": None, "unit": "nats",
+                "model": "m", **labels}
+
+    decode = rec(0.004, mode="cache", chunk=1, tokens=384)
+    chunked = rec(0.0039, mode="cache", chunk=64, tokens=512, extra="chunk64")
+    simulated = rec(0.2, mode="simulated", chunk=64, tokens=512, extra="simulated")
+    assert summary.pick([chunked, simulated, decode], "m") is decode  # shorter, but the headline protocol
+    assert summary.pick([simulated, chunked], "m") is chunked  # only extras: still the cache over simulated
+    longer = rec(0.008, mode="cache", chunk=1, tokens=1024)
+    assert summary.pick([decode, longer, chunked], "m") is longer
