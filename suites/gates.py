@@ -212,13 +212,31 @@ def check_plain_generation(tier: str, rates) -> None:
         f"{tier} tier): the cache is not reading its codes; per prompt {[round(r, 3) for r in rates]}")
 
 
-# Needle: cases of the (length, depth) grid where the baseline retrieves the key and the config
-# does not, net of the reverse, (tier, config) -> allowed. PROVISIONAL (being measured).
-NEEDLE_MAX_LOST: dict = {}
+# Needle: keys the baseline retrieves minus keys the config retrieves, over the tier's
+# (length, depth) grid, (tier, config) -> allowed. Measured (results 20261128T102028 default,
+# 20261128T105600 nightly mlx, 20261128T121723 nightly torch-cpu at 512-2048, same answers as mlx):
+#   default, 3 cases at 512 tokens, torch-cpu and mlx: baseline 3, K4V2 2 -> lost 1
+#   nightly, 25 cases 512..8000 (mlx): baseline 21; K4V4 21, K4V3 21, K4V2 20, K3V3 19, K3V2 18,
+#     K2V2 9 -> lost 0, 0, 1, 2, 3, 12
+# A 135M model answers some keys by a hair, so a build may flip one or two cases: the nightly
+# limits sit two cases above the measured loss; K2V2 is recorded only.
+NEEDLE_MAX_LOST = {
+    ("default", "K4V2"): 1,
+    ("nightly", "K4V4"): 2,
+    ("nightly", "K4V3"): 2,
+    ("nightly", "K4V2"): 3,
+    ("nightly", "K3V3"): 4,
+    ("nightly", "K3V2"): 5,
+}
 
 
 def check_needle(tier: str, retrieved: dict, cases: int) -> None:
-    pass
+    base = retrieved["baseline"]
+    over = {name: base - got for name, got in retrieved.items()
+            if name != "baseline" and (tier, name) in NEEDLE_MAX_LOST and base - got > NEEDLE_MAX_LOST[tier, name]}
+    assert not over, (
+        f"needle ({tier} tier, {cases} cases): keys lost vs the baseline's {base} exceed the limit: "
+        + ", ".join(f"{name} lost {lost} (limit {NEEDLE_MAX_LOST[tier, name]})" for name, lost in over.items()))
 
 
 # ==== perplexity and KLD through the cache (suites/test_perplexity.py) =============================

@@ -472,3 +472,20 @@ def test_cross_backend_gate_rejects_the_rope_theta_trap(real_baselines):
     gates.check_cross_backend(b["torch"], b["mlx"])
     with pytest.raises(AssertionError):
         gates.check_cross_backend(b["torch"], b["mlx_rope_10k"])
+
+
+# ---- needle and generation gates: pure functions of the counts the suites pass them --------------
+def test_needle_gate_passes_the_measured_grid_and_fails_a_lost_cache():
+    measured = {"baseline": 21, "K4V4": 21, "K4V3": 21, "K4V2": 20, "K3V3": 19, "K3V2": 18, "K2V2": 9}
+    gates.check_needle("nightly", measured, 25)
+    gates.check_needle("default", {"baseline": 3, "K4V2": 2}, 3)
+    with pytest.raises(AssertionError, match="K4V2 lost 5 .limit 3."):
+        gates.check_needle("nightly", {**measured, "K4V2": 16}, 25)
+    with pytest.raises(AssertionError, match="K4V2 lost 3 .limit 1."):
+        gates.check_needle("default", {"baseline": 3, "K4V2": 0}, 3)
+
+
+def test_plain_generation_gate_fails_a_cache_that_reproduces_the_baseline():
+    gates.check_plain_generation("nightly", [0.01, 0.2, 0.5, 0.73, 0.1, 0.3])
+    with pytest.raises(AssertionError, match="not reading its codes"):
+        gates.check_plain_generation("nightly", [1.0] * 6)
