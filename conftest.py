@@ -9,7 +9,6 @@ Options:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 
@@ -37,8 +36,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if importlib.util.find_spec("mlx") is not None:
-        blas.use_openblas()  # before anything imports mlx.core (Linux CPU: see tq_core/blas.py)
+    blas.use_openblas()  # before anything imports mlx.core (Linux CPU: see tq_core/blas.py)
     try:
         backends, reasons = targets.resolve(config.getoption("--tq-target"))
     except (RuntimeError, ValueError) as e:

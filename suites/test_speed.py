@@ -62,7 +62,7 @@ import pytest
 from fixtures import models as registry
 from fixtures import targets
 from suites import gates
-from tq_core import CacheConfig, TurboQuantizer
+from tq_core import CacheConfig, TurboQuantizer, blas
 
 CONFIG = CacheConfig()  # the headline K4/V2 default (4 sinks, 128-token window)
 
@@ -396,7 +396,7 @@ def test_model_tokens_per_s(backend, tier, request, corpus, real_spec, load_mode
         pytest.skip("mlx on CPU: the real-model tokens/s run with --tq-tier nightly (default-tier time budget)")
     if backend == "mlx" and (gflops := mlx_gemm_gflops()) < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (the Linux wheel's reference BLAS): each "
-                    f"{tier['prompt']}-token prefill takes minutes; install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)")
+                    f"{tier['prompt']}-token prefill takes minutes; {blas.HINT}")
     model, tokenizer = load_model(backend)
     runner = ModelRunner(backend, model, tokenizer, _prompt_ids(tokenizer, corpus, tier["prompt"]))
     runner.warm(CONFIG)

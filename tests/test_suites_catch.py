@@ -41,7 +41,7 @@ import pytest
 from fixtures import models as registry
 from fixtures import targets
 from suites import gates
-from tq_core import CacheConfig, Encoded, TurboQuantizer, packing, scoring
+from tq_core import CacheConfig, Encoded, TurboQuantizer, blas, packing, scoring
 from tq_core.kvstore import LayerStore
 from tq_core.ops import for_array
 from tq_core.scoring import Protocol
@@ -434,7 +434,7 @@ def real_baselines(request):
 
     if (gflops := mlx_gemm_gflops()) < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (reference BLAS): two {ROPE_TOKENS}-token "
-                    "passes take minutes; install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)")
+                    f"passes take minutes; {blas.HINT}")
     import mlx_lm
     import torch
 

@@ -21,6 +21,7 @@ import os
 import sys
 
 ENV = "TQ_MLX_BLAS"
+HINT = "install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)"
 # Debian/Ubuntu (apt-get install libopenblas0-pthread), then the generic sonames.
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -30,6 +31,10 @@ CANDIDATES = (
 )
 
 _state: dict = {"status": None}
+
+
+def _preloaded() -> bool:
+    return "openblas" in os.environ.get("LD_PRELOAD", "")
 
 
 def _find() -> str | None:
@@ -47,16 +52,18 @@ def use_openblas() -> str:
     choice = os.environ.get(ENV, "").strip()
     if not sys.platform.startswith("linux"):
         status = "platform default"
+    elif importlib.util.find_spec("mlx") is None:
+        status = "mlx not installed"
     elif "mlx.core" in sys.modules:
         status = "mlx wheel default (mlx imported before tq_core.blas)"
-    elif "openblas" in os.environ.get("LD_PRELOAD", ""):
+    elif _preloaded():
         status = "openblas (LD_PRELOAD)"
     elif choice.lower() == "off":
         status = f"mlx wheel default ({ENV}=off)"
     else:
         path = choice or _find()
         if not path:
-            status = "mlx wheel default (no system OpenBLAS: apt-get install libopenblas0-pthread)"
+            status = f"mlx wheel default (no system OpenBLAS: {HINT})"
         else:
             if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
                 import torch  # noqa: F401  (binds torch to its own BLAS first, see above)
@@ -77,6 +84,6 @@ def status() -> str:
     """What ``use_openblas`` decided, or what is in effect if it was never called."""
     if _state["status"] is not None:
         return _state["status"]
-    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+    if _preloaded():
         return "openblas (LD_PRELOAD)"
     return "mlx wheel default" if sys.platform.startswith("linux") else "platform default"
