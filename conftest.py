@@ -3,14 +3,20 @@
 Options:
   --tq-target   auto | comma list of torch-cpu, torch-cuda, mlx   (default auto)
   --tq-tier     default | nightly                                 (default default)
+  --tq-config   a config label, e.g. K3V4+s0w0 (repeatable)        (default: the tier's matrix)
+  --tq-method   the matrix through another KV method, e.g. uniform or uniform+g=32
   --tq-model    HF id or local path of the real model             (default: SmolLM2-135M offline)
   --tq-corpus   text file to score                                (default: pydoc_data.topics)
+
+Harness state lives in ``config.stash`` (``HARNESS``): the resolved backends, the config matrix,
+the corpus, the run's provenance, loaded models and captures. Nothing is kept in module globals.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -19,57 +25,87 @@ from fixtures import configs as config_registry
 from fixtures import models as model_registry
 from fixtures import targets
 from fixtures import text as corpus_registry
-from tq_core import blas
+from harness import blas, hosts
 
 pytest_plugins = ["reports.collect"]
 
 SEED = 0
 
 
+@dataclass
+class Harness:
+    backends: list
+    skipped: dict
+    matrix: list
+    corpus: object
+    run: dict
+    loaded: dict = field(default_factory=dict)  # backend -> hosts.Model
+    memo: dict = field(default_factory=dict)  # session-wide results shared by suites (captures, ...)
+
+
+HARNESS = pytest.StashKey[Harness]()
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("tq", "TurboQuant harness")
     g.addoption("--tq-target", default="auto", help="auto, or a comma list of torch-cpu, torch-cuda, mlx")
     g.addoption("--tq-tier", default="default", choices=["default", "nightly"], help="default or nightly")
+    g.addoption("--tq-config", action="append", default=None, metavar="LABEL",
+                help="run this cache config instead of the tier's matrix, e.g. K3V4+s0w0 (repeatable)")
+    g.addoption("--tq-method", default=None, metavar="METHOD",
+                help="run the configs through this KV method, e.g. uniform or uniform+g=32")
     g.addoption("--tq-model", default=None, help="HF model id or local path (default: SmolLM2-135M-Instruct)")
     g.addoption("--tq-corpus", default=None, help="UTF-8 text file to score (default: pydoc_data.topics)")
     g.addoption("--tq-no-results", action="store_true", help="do not write a results file")
 
 
 def pytest_configure(config):
-    blas.use_openblas()  # before anything imports mlx.core (Linux CPU: see tq_core/blas.py)
+    # Under pytest-xdist each worker takes one GPU, round-robin (before anything starts CUDA):
+    # `nox -s cuda -- -n <workers>` spreads the suites over every GPU of the machine.
+    gpu = hosts.pin_worker_to_gpu(getattr(config, "workerinput", {}).get("workerid"))
+    blas.use_openblas()  # before anything imports mlx.core (Linux CPU: see harness/blas.py)
     try:
         backends, reasons = targets.resolve(config.getoption("--tq-target"))
-    except (RuntimeError, ValueError) as e:
+        matrix = config_registry.matrix(config.getoption("--tq-tier"), config.getoption("--tq-config"),
+                                        config.getoption("--tq-method"))
+    except (RuntimeError, ValueError, TypeError) as e:
         raise pytest.UsageError(str(e)) from None
-    config._tq_backends, config._tq_skip = backends, reasons
     corpus = corpus_registry.load(config.getoption("--tq-corpus"))
-    config._tq_corpus = corpus
-    config._tq_run = {
+    run = {
         "target": os.environ.get("TQ_RESULTS_TARGET") or targets.results_target(backends, reasons),
         "backends": [b for b in backends if b not in reasons],
         "skipped_backends": reasons,
         "tier": config.getoption("--tq-tier"),
+        "configs": [c.label for c in matrix],
         "seed": SEED,
         "corpus": {"source": corpus.source, "sha256": corpus.sha256, "chars": len(corpus.text)},
         "model": config.getoption("--tq-model") or model_registry.DEFAULT_REAL.name,
         # Which BLAS MLX used on CPU: the wheel's reference BLAS is ~20x slower than OpenBLAS.
         "mlx_blas": blas.status(),
     }
+    if gpu is not None:
+        run["gpu_of_worker"] = gpu
+    if config.getoption("numprocesses", default=None) or getattr(config, "workerinput", None) is not None:
+        # pytest-benchmark turns itself off under xdist: the report says speed was not measured.
+        run["speed"] = "not measured: pytest-benchmark is off under pytest-xdist (time the speed suites serially)"
+    config.stash[HARNESS] = Harness(backends, reasons, matrix, corpus, run)
+    from reports import collect  # loaded as this conftest's plugin (pytest_plugins), imported here after
+
+    config.stash[collect.RUN_INFO] = run  # the results file's provenance
 
 
 def _ids(name):
-    return lambda v: f"{name}={v}"
+    return lambda v: f"{name}={getattr(v, 'label', v)}"
 
 
 def pytest_generate_tests(metafunc):
-    cfg = metafunc.config
+    h = metafunc.config.stash[HARNESS]
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", [
-            pytest.param(b, marks=pytest.mark.skip(reason=cfg._tq_skip[b])) if b in cfg._tq_skip else b
-            for b in cfg._tq_backends], ids=_ids("backend"))
-    if "config_name" in metafunc.fixturenames:
-        names = config_registry.for_tier(cfg.getoption("--tq-tier"))
-        metafunc.parametrize("config_name", names, ids=_ids("config"))
+            pytest.param(b, marks=pytest.mark.skip(reason=h.skipped[b])) if b in h.skipped else b
+            for b in h.backends], ids=_ids("backend"))
+    if "cache_config" in metafunc.fixturenames:
+        metafunc.parametrize("cache_config", h.matrix, ids=_ids("config"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,20 +119,26 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same seed on every backend."""
+    """Every test starts from the same seed on every backend (of those loaded)."""
     random.seed(SEED)
     np.random.seed(SEED)
-    import sys
-
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(SEED)
-    if "mlx.core" in sys.modules:
-        sys.modules["mlx.core"].random.seed(SEED)
+    for host in hosts.loaded():
+        host.seed(SEED)
 
 
 @pytest.fixture(scope="session")
-def corpus(request):
-    return request.config._tq_corpus
+def harness(request) -> Harness:
+    return request.config.stash[HARNESS]
+
+
+@pytest.fixture(scope="session")
+def corpus(harness):
+    return harness.corpus
+
+
+@pytest.fixture(scope="session")
+def tier(request) -> str:
+    return request.config.getoption("--tq-tier")
 
 
 @pytest.fixture(scope="session")
@@ -104,35 +146,49 @@ def real_spec(request):
     return model_registry.real_spec(request.config.getoption("--tq-model"))
 
 
-_LOADED: dict = {}
+@pytest.fixture
+def host(backend):
+    """The host of the test's backend (``harness.hosts``)."""
+    return hosts.get(backend)
 
 
 @pytest.fixture(scope="session")
-def load_model(request):
-    """``load_model(backend)`` -> (model, tokenizer) of the real model, loaded once per backend."""
+def load_model(request, harness):
+    """``load_model(backend)`` -> ``hosts.Model`` of the real model, loaded once per backend."""
     source = request.config.getoption("--tq-model")
 
     def _load(backend: str):
-        if backend not in _LOADED:
+        if backend not in harness.loaded:
+            from harness import identity
             from tq_core import models
 
-            if backend == "mlx":
-                _LOADED[backend] = models.load_mlx(source)
-            else:
-                _LOADED[backend] = models.load_hf(source, device="cuda" if backend == "torch-cuda" else "cpu")
-            request.config._tq_run.setdefault("weights_sha256", models.weights_sha256(models.ensure_local(source)))
-        return _LOADED[backend]
+            harness.loaded[backend] = hosts.get(backend).load(source)
+            harness.run.setdefault("weights_sha256", identity.weights_sha256(models.ensure_local(source)))
+        return harness.loaded[backend]
 
     yield _load
-    _LOADED.clear()
+    harness.loaded.clear()
+    harness.memo.clear()
     import gc
-    import sys
 
     gc.collect()
-    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-        sys.modules["torch"].cuda.empty_cache()
+    for h in hosts.loaded():
+        h.free()
 
 
-@pytest.fixture
-def cache_config(config_name):
-    return config_registry.CONFIGS[config_name]
+@pytest.fixture(scope="session")
+def captured_qkv(load_model, corpus, harness, request):
+    """Q/K/V/attention output per layer of the real model over the first capture.TOKENS corpus tokens.
+
+    Captured with the torch model on CPU (the reference numbers every backend's codec is fed).
+    """
+    from harness import capture
+
+    reason = targets.missing_reason("torch-cpu")
+    if reason:
+        pytest.skip(f"capturing real Q/K/V needs the torch model: {reason}")
+    key = ("capture", request.config.getoption("--tq-model"), corpus.sha256, capture.TOKENS)
+    if key not in harness.memo:
+        harness.memo[key] = capture.capture(hosts.get("torch-cpu"), load_model("torch-cpu"), corpus.text,
+                                            capture.TOKENS)
+    return harness.memo[key]

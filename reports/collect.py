@@ -1,63 +1,128 @@
 """pytest plugin: every measurement goes through the ``record`` fixture into one results file per run.
 
-File: ``reports/results/<target>/<UTC date>_<commit>[_<n>].json``, written atomically, never
-overwritten. Contents: ``{"schema", "run": provenance, "records": [...], "tests": {nodeid: outcome}}``.
-Each record: suite, test (node id), metric, value, unit, error (± one SE or None), and labels
-(model, backend, config, mode, protocol, ...). Under pytest-xdist, workers send their records to
-the controller, which writes the one file.
+File: ``reports/results/<target>/<UTC start>_<commit>[_<n>].json`` (``$TQ_RESULTS_DIR`` instead of
+``reports/results``; ``<target>`` from ``TQ_RESULTS_TARGET`` or the harness: letters, digits, '-',
+'_', '.', not starting with '.'), written atomically at session end, never overwritten. Contents:
+``{"schema", "run": provenance, "records": [...], "tests": {nodeid: outcome}}``. Each record: suite,
+test (node id), metric, value, unit, error (± one SE or None), and labels (model, backend, config,
+mode, protocol, ...).
+
+Metrics are declared in ``reports/registry.py`` (unit, direction, meaning): ``record`` fails the
+test on a metric that is not there, or on a unit other than the registered one, so the suites and
+the reports read one list.
+
+Measurements survive the run (``reports/stream.py``): each record is appended to a partial file
+the moment it is taken, so Ctrl-C, SIGTERM or SIGKILL keep what was measured; the results file
+then carries ``run.incomplete`` (why) and ``run.exitstatus``. SIGTERM ends the session like Ctrl-C
+(a second SIGTERM kills at once). The results folder is opened when the session starts (once
+collection shows a test that records; an xdist controller at its start): an unwritable folder is a
+usage error before anything is measured, and runs that died there earlier are recovered. Under
+pytest-xdist each worker streams its own partial file and the controller assembles them at the end.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import pathlib
 import platform
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
+import uuid
 
 import pytest
 
-SCHEMA = 1
+from . import registry, stream
+
+SCHEMA = stream.SCHEMA
 ROOT = pathlib.Path(__file__).resolve().parent / "results"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the session ends as interrupted and keeps its results."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated("SIGTERM")
+
+
+class _Interrupts:
+    """Remembers why the session was interrupted (the hook gets the exception, not the config)."""
+
+    def __init__(self, rec: "Recorder"):
+        self.rec = rec
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        self.rec.interrupt = _interrupt_reason(excinfo)
+
+
 class Recorder:
-    def __init__(self):
-        self.records: list[dict] = []
+    """The run's side of the plugin in one pytest process (the run itself, or one xdist worker)."""
+
+    def __init__(self, run_id: str, who: str, started: str, disabled: bool, stem: str | None = None):
+        self.run_id, self.who, self.started, self.disabled = run_id, who, started, disabled
+        self.stem = stem  # the results file's name to be; an xdist worker gets its controller's
+        self.writer: stream.Writer | None = None
         self.tests: dict[str, str] = {}
-        self.run: dict = {}
+        self.run_seen: dict = {}
+        self.interrupt: str | None = None
+
+    def add(self, config, rec: dict) -> None:
+        if self.disabled:
+            return
+        if self.writer is None:  # a test that asked for ``record`` without declaring it
+            _open(config)
+        self.writer.record(rec)
+
+
+RECORDER = pytest.StashKey[Recorder]()  # this process's recorder
+RUN_INFO = pytest.StashKey[dict]()  # run facts a harness adds to the provenance (target, tier, model, ...)
 
 
 def _labels_from(item) -> dict:
+    """A test's parameters as labels; a parameter with a ``label`` (a cache config) is filed as
+    ``config=<label>``, whatever the fixture is called."""
     labels = {}
     spec = getattr(item, "callspec", None)
     if spec is not None:
         for k, v in spec.params.items():
             if not (isinstance(v, (str, int, float, bool)) or v is None):
-                v = getattr(v, "label", None) or getattr(v, "name", None) or str(v)
+                if getattr(v, "label", None):
+                    k, v = "config", v.label
+                else:
+                    v = getattr(v, "name", None) or str(v)
             labels[k] = v
     return labels
 
 
 @pytest.fixture
 def record(request):
-    """``record(metric, value, unit="", error=None, **labels)`` stores one measurement."""
-    rec: Recorder = request.config._tq_recorder
+    """``record(metric, value, unit=None, error=None, **labels)`` stores one measurement; returns the value.
+
+    ``metric`` must be in ``reports/registry.py``; the unit written is the registered one, and a
+    ``unit`` given must equal it. ``error``: one standard error, or None (a non-finite error is None).
+    """
+    rec: Recorder = request.config.stash[RECORDER]
     suite = request.node.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
     base = _labels_from(request.node)
 
-    def _record(metric: str, value, unit: str = "", error=None, **labels):
+    def _record(metric: str, value, unit: str | None = None, error=None, **labels):
+        try:
+            unit = registry.unit_of(metric, unit)
+        except (registry.UnknownMetric, registry.UnitMismatch) as e:
+            pytest.fail(str(e), pytrace=False)
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"record: value of {metric!r} must be finite, got {value}")
-        rec.records.append({
-            "suite": suite, "test": request.node.nodeid, "metric": metric, "value": value,
-            "unit": unit, "error": None if error is None else float(error),
-            "labels": {**base, **{k: v for k, v in labels.items()}},
+        err = None if error is None else float(error)
+        rec.add(request.config, {
+            "suite": suite, "test": request.node.nodeid, "metric": metric, "value": value, "unit": unit,
+            "error": err if err is not None and math.isfinite(err) else None,
+            "labels": {**base, **labels},
         })
         return value
 
@@ -125,7 +190,7 @@ def provenance(config) -> dict:
     if dirty is None and os.environ.get("TQ_DIRTY") in ("0", "1"):
         dirty = "dirty" if os.environ["TQ_DIRTY"] == "1" else ""
     run = {
-        "started": config._tq_started,
+        "started": config.stash[RECORDER].started,
         # TQ_COMMIT names the commit of a copied tree that has no .git (e.g. a remote GPU box).
         "commit": _git("rev-parse", "HEAD") or os.environ.get("TQ_COMMIT"),
         "commit_time": _git("show", "-s", "--format=%cI", "HEAD"),
@@ -133,46 +198,123 @@ def provenance(config) -> dict:
         "versions": {d: _version(d) for d in ("tq-core", "numpy", "torch", "transformers", "mlx", "mlx-lm")},
         "machine": machine_info(),
     }
-    run.update(getattr(config, "_tq_run", {}))
+    run.update(config.stash.get(RUN_INFO, {}))
     return run
 
 
-def _out_path(target: str, run: dict) -> pathlib.Path:
-    folder = pathlib.Path(os.environ.get("TQ_RESULTS_DIR", ROOT)) / target
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = run["started"].replace(":", "").replace("-", "")[:15]
-    stem = f"{stamp}_{(run.get('commit') or 'nocommit')[:10]}"
-    path, n = folder / f"{stem}.json", 1
-    while path.exists():
-        n += 1
-        path = folder / f"{stem}_{n}.json"
-    return path
+def results_root() -> pathlib.Path:
+    """``$TQ_RESULTS_DIR``, else ``reports/results``."""
+    return pathlib.Path(os.environ.get("TQ_RESULTS_DIR") or ROOT)
 
 
-def write(path: pathlib.Path, data: dict) -> None:
-    """Atomic write that never replaces an existing file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+def target_of(config) -> str:
+    return config.stash.get(RUN_INFO, {}).get("target") or os.environ.get("TQ_RESULTS_TARGET") or "cpu"
+
+
+def _say(config, msg: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"tq results: {msg}")
+    else:
+        print(f"tq results: {msg}", file=sys.stderr)
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _open(config) -> None:
+    """Open this process's partial file in the target's results folder (``pytest.UsageError`` if it cannot)."""
+    rec: Recorder = config.stash[RECORDER]
+    if rec.writer is not None or rec.disabled:
+        return
+    target = target_of(config)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.link(tmp, path)  # fails if path exists: results are never overwritten
-    finally:
-        os.unlink(tmp)
+        stream.check_target(target)
+    except ValueError as e:
+        raise pytest.UsageError(f"{e} (set TQ_RESULTS_TARGET to such a name)") from None
+    folder = results_root() / target
+    run = provenance(config)
+    try:
+        rec.writer = stream.Writer(folder, rec.stem or stream.stem(run), rec.run_id, rec.who, run, target)
+    except OSError as e:
+        raise pytest.UsageError(f"results folder {folder} is not writable ({e.strerror or e}): set TQ_RESULTS_DIR "
+                                "to a writable folder, or pass --tq-no-results") from None
+    rec.run_seen = dict(config.stash.get(RUN_INFO, {}))
+    if threading.current_thread() is threading.main_thread():
+        try:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+        except (AttributeError, ValueError, OSError):  # no SIGTERM here, or not the main interpreter
+            pass
+    if not _is_worker(config):
+        stream.recover(folder, warn=lambda m: _say(config, m))
+
+
+def _note_run(config, rec: Recorder) -> None:
+    """Stream the run facts a test added (e.g. the weights hash set when a model is first loaded)."""
+    now = dict(config.stash.get(RUN_INFO, {}))
+    if now != rec.run_seen:
+        rec.writer.write({"kind": "run", "run": now})
+        rec.run_seen = now
 
 
 # ---- hooks -------------------------------------------------------------------------------------
 def pytest_configure(config):
-    config._tq_recorder = Recorder()
-    config._tq_started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    win = getattr(config, "workerinput", None) or {}
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    config.stash[RECORDER] = Recorder(win.get("tq_run_id") or uuid.uuid4().hex[:12], win.get("workerid", "main"),
+                                   win.get("tq_started") or now,
+                                   bool(config.getoption("--tq-no-results", default=False)), win.get("tq_stem"))
+    config.pluginmanager.register(_Interrupts(config.stash[RECORDER]), "tq-interrupts")
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: workers stream into partial files of this run (same run id and start)."""
+    rec: Recorder = node.config.stash[RECORDER]
+    node.workerinput["tq_run_id"] = rec.run_id
+    node.workerinput["tq_started"] = rec.started
+    if rec.writer is not None:
+        node.workerinput["tq_stem"] = rec.writer.stem
+
+
+def pytest_sessionstart(session):
+    # An xdist controller collects nothing itself: it opens its results folder here.
+    if not _is_worker(session.config) and session.config.pluginmanager.hasplugin("dsession"):
+        _open(session.config)
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    if any("record" in getattr(item, "fixturenames", ()) for item in session.items):
+        _open(session.config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    rec: Recorder = item.config.stash[RECORDER]
+    if rec.writer is not None:
+        rec.writer.write({"kind": "begin", "test": item.nodeid})
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    rec: Recorder = item.config._tq_recorder
+    rep = yield
+    rec: Recorder = item.config.stash[RECORDER]
+    outcome = None
     if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
-        rec.tests[item.nodeid] = "xfailed" if hasattr(rep, "wasxfail") and rep.skipped else rep.outcome
+        outcome = "xfailed" if hasattr(rep, "wasxfail") and rep.skipped else rep.outcome
+    elif rep.when == "teardown" and rep.failed and rec.tests.get(item.nodeid) != "failed":
+        outcome = "error"
+    if outcome is not None:
+        rec.tests[item.nodeid] = outcome
+        if rec.writer is not None:
+            rec.writer.write({"kind": "test", "test": item.nodeid, "outcome": outcome})
+    if rec.writer is not None and rep.when == "teardown":
+        _note_run(item.config, rec)
+    return rep
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -181,34 +323,58 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["tq"] = globals()["machine_info"]()
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    """xdist controller: merge what a worker recorded."""
-    out = getattr(node, "workeroutput", {}).get("tq_results")
-    if out:
-        data = json.loads(out)
-        rec: Recorder = node.config._tq_recorder
-        rec.records.extend(data["records"])
-        rec.tests.update(data["tests"])
-        rec.run.update(data["run"])
+def _interrupt_reason(excinfo) -> str:
+    v = excinfo.value
+    if isinstance(v, Terminated):
+        return f"interrupted: {v.args[0] if v.args else 'SIGTERM'}"
+    if isinstance(v, pytest.exit.Exception):
+        return f"interrupted: pytest.exit: {v.msg}"
+    msg = str(v).strip()
+    return f"interrupted: {excinfo.typename}" + (f": {msg}" if msg and excinfo.typename != "KeyboardInterrupt" else "")
 
 
+def _incomplete(session, exitstatus, rec: Recorder) -> str | None:
+    code = int(exitstatus)
+    if rec.interrupt:
+        return rec.interrupt
+    if code == pytest.ExitCode.INTERRUPTED:
+        return f"interrupted (exit status {code})"
+    if code == pytest.ExitCode.INTERNAL_ERROR:
+        return f"internal error (exit status {code})"
+    if code == pytest.ExitCode.USAGE_ERROR:
+        return f"usage error (exit status {code})"
+    stop = session.shouldfail or session.shouldstop
+    if stop:
+        return f"stopped early: {stop}"
+    return None
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    rec: Recorder = config._tq_recorder
-    worker = hasattr(config, "workeroutput")
-    if worker:
-        config.workeroutput["tq_results"] = json.dumps(
-            {"records": rec.records, "tests": rec.tests, "run": getattr(config, "_tq_run", {})})
+    rec: Recorder = config.stash[RECORDER]
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (AttributeError, ValueError, OSError):
+        pass
+    if rec.writer is None:
         return
-    if not rec.records or config.getoption("--tq-no-results", default=False):
+    try:
+        _note_run(config, rec)
+        rec.writer.end(int(exitstatus), _incomplete(session, exitstatus, rec))
+        if _is_worker(config):
+            rec.writer.close()
+            return
+        path, data = rec.writer.assemble(provenance(config))
+    except (OSError, ValueError) as e:  # the partial files stay: the next run or reader recovers them
+        rec.writer.close()
+        _say(config, f"could not write the results file ({e}); the measurements stay in "
+                     f"{rec.writer.folder}/*{stream.SUFFIX} for the next run or tq report to recover")
         return
-    run = provenance(config)
-    run.update(rec.run)
-    target = run.get("target", "cpu")
-    path = _out_path(target, run)
-    write(path, {"schema": SCHEMA, "run": run, "records": rec.records, "tests": rec.tests})
-    config._tq_results_path = path
-    tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"tq results: {path} ({len(rec.records)} measurements)")
+    if path is None:
+        return
+    run = data["run"]
+    _say(config, f"{path} ({len(data['records'])} measurements)")
+    if run.get("incomplete"):
+        _say(config, f"run marked incomplete: {run['incomplete']} (exit status {run.get('exitstatus')})")

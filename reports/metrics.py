@@ -1,8 +1,10 @@
-"""What the reports know about metric names: loose matching, which direction is better, baselines.
+"""What the reports know about metric names: selection by name, baselines, and the registry's facts.
 
-Names are matched by regular expression (case-insensitive, from the start), so a suite may add
-suffixes (``kld_mean_nats``) without the report losing them; anything unmatched still appears
-in its suite's generic table.
+Which direction is better, the unit and the meaning of a metric come from ``reports.registry``
+(declared beside the suites that record them), never from the name. Names are only used to choose
+records for a figure: matched by regular expression (case-insensitive, from the start), so a plot
+still finds its records when a suite adds a suffix; anything unmatched still appears in its
+suite's generic table.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ import re
 
 import pandas as pd
 
-HIGHER = re.compile(r"cos|top_?k|top_?\d|overlap|same_|match|accuracy|^acc|found|retriev|first_div|speedup|"
-                    r"speed_ratio|throughput|per_s|tok_?s|_tps|gbps|gb_s|vectors_s|goal", re.I)
-LOWER = re.compile(r"kld|kl\b|_kl|kl_|mse|err|dppl|rms|bytes|ratio_vs_fp16|bits_per|peak|latency|_ms$|ms_per|"
-                   r"seconds|time", re.I)
+from . import registry
 
 # What a number is compared against when its record has no ``baseline`` label.
 DEFAULT_BASELINE = {
@@ -28,19 +27,24 @@ DEFAULT_BASELINE = {
 }
 
 
-def is_throughput(metric: str, unit: str | None) -> bool:
-    """Rates where more is better: tokens/s, vectors/s, GB/s ..."""
-    u = (unit or "").strip().lower()
-    return u.endswith("/s") or bool(re.search(r"per_s|tok_?s$|_tps|gbps|gb_s|vectors_s|throughput", metric, re.I))
+def better(metric: str) -> bool | None:
+    """True when higher is better, False when lower is, None otherwise (target, a fact, not registered)."""
+    m = registry.get(metric)
+    return None if m is None or m.sign == 0 else m.sign > 0
 
 
-def direction(metric: str, unit: str | None = None) -> int:
-    """+1 when higher is better, -1 when lower is better, 0 when the name does not say."""
-    if is_throughput(metric, unit) or HIGHER.search(metric):
-        return 1
-    if LOWER.search(metric):
-        return -1
-    return 0
+def is_rate(metric: str) -> bool:
+    """A registered throughput of the code under test (per-second unit, higher is better)."""
+    m = registry.get(metric)
+    return m is not None and m.is_rate
+
+
+def meaning(metric: str) -> str:
+    """``<meaning> (<which direction is better>)``, or a note that the metric is not registered."""
+    m = registry.get(metric)
+    if m is None:
+        return f"not in {registry.FILE} (a name this version of the suites does not record)"
+    return f"{m.meaning} ({m.better})"
 
 
 def match(df: pd.DataFrame, *patterns: str, suite: str | None = None) -> pd.DataFrame:

@@ -24,6 +24,7 @@ class Figure:
     caption: str = ""
     note: str = ""
     through: list = None  # [(label, value)] the same for every plotted record
+    metrics: list = None  # the metrics drawn: their meanings are shown under the figure
 
 
 def through(df: pd.DataFrame) -> list[tuple[str, str]]:
@@ -106,6 +107,11 @@ def dedupe(series: list[Series], rel: float = 1e-9) -> list[Series]:
     return out
 
 
+def names(*frames: pd.DataFrame) -> list[str]:
+    """The metrics of ``frames``, in order of appearance."""
+    return list(dict.fromkeys(m for f in frames if not f.empty for m in f["metric"]))
+
+
 def cap(series: list[Series], caption: str) -> tuple[list[Series], str]:
     if len(series) <= MAX_SERIES:
         return series, caption
@@ -141,7 +147,7 @@ def memory(df: pd.DataFrame) -> list[Figure]:
                            charts.xy_chart(series, title=f"{title} — {name_of(m)}" if m else title,
                                            x_label=f"{ctx} [tokens]", y_label="bytes held [B]", log_x=True,
                                            log_y=True, x_ticks=x_ticks_at(h[ctx]), width=480, height=300),
-                           caption, through=through(h)))
+                           caption, through=through(h), metrics=names(h, b)))
     ratio = metrics.match(df, r"^ratio_vs_fp16")
     if not ratio.empty and ctx in ratio:
         series, caption = cap(dedupe(line_series(ratio, ctx, others(ratio, [ctx, "spec"]))),
@@ -149,7 +155,7 @@ def memory(df: pd.DataFrame) -> list[Figure]:
                               "sinks and window are amortized as the context grows.")
         figs.append(Figure("Ratio to fp16 vs context", charts.xy_chart(
             series, title="Ratio to fp16 vs context", x_label=f"{ctx} [tokens]", y_label="bytes held / fp16",
-            log_x=True, x_ticks=x_ticks_at(ratio[ctx]), width=480, height=300), caption))
+            log_x=True, x_ticks=x_ticks_at(ratio[ctx]), width=480, height=300), caption, metrics=names(ratio)))
     return figs
 
 
@@ -173,7 +179,7 @@ def mse(df: pd.DataFrame) -> list[Figure]:
                           "exact Lloyd-Max value of the coordinate density, 4⁻ᵇ the Shannon lower bound.")
     figs = [Figure(title, charts.xy_chart(series, title=title, x_label="bits per coordinate",
                                           y_label="D_mse (log)", log_y=True, x_ticks=x_ticks_at(bs)), caption,
-                   through=through(d))]
+                   through=through(d), metrics=names(d, opt))]
     return figs + layer_heatmaps(df, (r".*unit_vs_optimum$", r".*vs_optimum$", r"^real_d_mse"), limit=2)
 
 
@@ -204,9 +210,9 @@ def layer_heatmaps(df: pd.DataFrame, prefer: tuple = (), limit: int = 4) -> list
         t = f"{m} per layer"
         figs.append(Figure(t, charts.heatmap(names_, [str(i) for i in layers], vals, errors=errs, title=t,
                                              col_title="layer", value_label=m + (f" [{unit}]" if unit else ""),
-                                             higher_is_better={1: True, -1: False}.get(metrics.direction(m, unit))),
+                                             higher_is_better=metrics.better(m)),
                            "Hover a cell for its value ± SE. Colors span the min..max of this map.",
-                           through=through(g)))
+                           through=through(g), metrics=[m]))
     return figs
 
 
@@ -242,7 +248,8 @@ def frontier(df: pd.DataFrame, pattern: tuple, title: str, y_label: str, log_y: 
     series, caption = cap(series, "Each point is one config, at the bits per channel its cache held while "
                                   "scoring (norms, sinks and window included); ± SE over tokens.")
     return Figure(title, charts.xy_chart(series, title=title, x_label="bits per channel held", y_label=y_label,
-                                         log_y=log_y, hline=hline), caption, through=through(rows))
+                                         log_y=log_y, hline=hline), caption, through=through(rows),
+                  metrics=names(rows))
 
 
 def perplexity(df: pd.DataFrame, bits_map: dict) -> list[Figure]:
@@ -263,7 +270,8 @@ def bars_by_config(df: pd.DataFrame, pattern: tuple, title: str, x_label: str, r
         series.append((name_of(labels), [vals.get(c, (None, None))[0] for c in cats],
                        [vals.get(c, (None, None))[1] if vals.get(c, (None, None))[1] == vals.get(c, (None, None))[1]
                         else None for c in cats]))
-    return Figure(title, charts.bar_chart(cats, series[:MAX_SERIES], title=title, x_label=x_label, ref=ref))
+    return Figure(title, charts.bar_chart(cats, series[:MAX_SERIES], title=title, x_label=x_label, ref=ref),
+                  metrics=names(rows))
 
 
 def generation(df: pd.DataFrame) -> list[Figure]:
@@ -304,16 +312,17 @@ def needle(df: pd.DataFrame) -> list[Figure]:
         t = f"{title} — {name_of(labels)}" if labels else title
         figs.append(Figure(t, charts.heatmap([f"depth {show(dd)}" for dd in ds], [fmt.num(n) for n in ls], vals,
                                              title=t, col_title=length, value_label=g["metric"].iloc[0],
-                                             higher_is_better=True, width=560, vmin=lo, vmax=hi),
-                           through=through(g)))
+                                             higher_is_better=metrics.better(g["metric"].iloc[0]), width=560,
+                                             vmin=lo, vmax=hi),
+                           through=through(g), metrics=names(g)))
     return figs
 
 
 # ---- speed -------------------------------------------------------------------------------------
 def speed(df: pd.DataFrame) -> list[Figure]:
-    rate = df[[metrics.is_throughput(m, u) for m, u in zip(df["metric"], df["unit"])]]
+    rate = df[[metrics.is_rate(m) for m in df["metric"]]]
     if rate.empty:
-        return [omitted("Throughput", "no throughput records (unit …/s) in this run.")]
+        return [omitted("Throughput", "no throughput records (a registered rate, unit …/s) in this run.")]
     figs = []
     bits = metrics.label(rate, "bits")
     with_bits = rate[rate[bits].notna()] if bits else rate.iloc[0:0]
@@ -322,7 +331,7 @@ def speed(df: pd.DataFrame) -> list[Figure]:
         series, caption = cap(dedupe(line_series(g, bits, ["metric"] + others(g, [bits, "metric", "spec"]))),
                               "Encode/decode rate of the codec alone; log y.")
         figs.append(Figure(t, charts.xy_chart(series, title=t, x_label="bits per coordinate", y_label=unit,
-                                              log_y=True, x_ticks=x_ticks_at(g[bits])), caption))
+                                              log_y=True, x_ticks=x_ticks_at(g[bits])), caption, metrics=names(g)))
     rest = rate.drop(with_bits.index)
     if not rest.empty:
         figs.append(speed_vs_baseline(rest))
@@ -367,7 +376,8 @@ def speed_vs_baseline(g: pd.DataFrame) -> Figure:
     return Figure(title, charts.bar_chart(cats, series[:MAX_SERIES], title=title, ref=1.0, tips=tips, width=760,
                                          x_label="compressed / baseline throughput (1 = as fast)",
                                          value_fmt=lambda r: f"{r:.2f}×"),
-                  "Same machine, same run; ± from both SEs. Hover a bar for the absolute rates.", through=through(g))
+                  "Same machine, same run; ± from both SEs. Hover a bar for the absolute rates.", through=through(g),
+                  metrics=names(g))
 
 
 def generic(df: pd.DataFrame) -> list[Figure]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
+import urllib.parse
 
 import jinja2
 
-from . import fmt, runs, sections, summary
+from . import fmt, metrics, runs, sections, stream, summary
 from .runs import Run
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
@@ -23,10 +25,24 @@ PROVENANCE = ["target", "tier", "started", "commit", "commit_time", "dirty", "mo
               "seed", "backends", "skipped_backends", "machine", "versions"]
 
 
+SAVED_MEANING = ("1 − bytes_held / bytes_fp16_cache of the same memory test: the share of an fp16 cache's bytes "
+                 "the compressed cache does not hold (higher is better)")
+
+
+def href(path) -> str:
+    """A link between the site's pages: a relative path, percent-encoded. Anything else (a scheme such
+    as ``javascript:``, an absolute or protocol-relative path) is refused, not written into an ``href``."""
+    path = str(path)
+    if not path or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", path) or path.startswith(("/", "\\")):
+        raise ValueError(f"refusing to link {path!r}: site links are relative paths")
+    return urllib.parse.quote(path, safe="/#")
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt.num, pm=fmt.pm, date=fmt.date, bytes=fmt.bytes_h, short_commit=fmt.short_commit)
+    env.filters.update(num=fmt.num, pm=fmt.pm, date=fmt.date, bytes=fmt.bytes_h, short_commit=fmt.short_commit,
+                       href=href, meaning=metrics.meaning, status=summary.status)
     return env
 
 
@@ -46,6 +62,15 @@ def column_baselines(heads: list[dict]) -> dict[str, str]:
     return out
 
 
+def column_meanings(heads: list[dict]) -> dict[str, str]:
+    """Per headline column, what its numbers mean (from the registry), for the column's tooltip."""
+    out = {}
+    for h in summary.HEADLINES:
+        names = dict.fromkeys(c.metric for r in heads if (c := r["cells"][h.key]))
+        out[h.key] = "; ".join(f"{m}: {metrics.meaning(m)}" if m else SAVED_MEANING for m in names) or fmt.DASH
+    return out
+
+
 def column_vias(heads: list[dict]) -> dict[str, str]:
     """Per headline column, the most common measured-through line; cells repeat theirs only when it differs."""
     out = {}
@@ -62,7 +87,7 @@ def context(run: Run) -> dict:
     bits_map = {(r["config"], r["backend"]): r["cells"]["bits"].value for r in heads if r["cells"]["bits"]}
     secs = sections.build(run.frame(), gates["suites"], bits_map) if run.records else []
     return {"run": run, "gates": gates, "headlines": heads, "headline_defs": summary.HEADLINES,
-            "head_baselines": column_baselines(heads),
+            "head_baselines": column_baselines(heads), "head_meanings": column_meanings(heads),
             "head_vias": column_vias(heads), "schema": runs.SCHEMA,
             "sections": secs, "section_ids": {s.suite for s in secs}, "provenance": provenance(run),
             "source": run.path.name,
@@ -87,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output file (default: reports/<target>/index.html)")
     args = p.parse_args(argv)
     try:
+        stream.check_target(args.target)  # it names a folder under reports/: no path may climb out
         run = runs.newest(runs.results_dir(args.results), args.target)
     except (FileNotFoundError, ValueError) as e:
         print(f"reports.render: error: {e}", file=sys.stderr)

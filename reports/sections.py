@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from . import fmt, metrics, plots
+from . import fmt, metrics, plots, registry
 from .plots import Figure
 from .runs import CORE
-from .tables import Table, blank_repeats, pivot, show, split_labels, usable_labels
+from .tables import Table, blank_repeats, html_table, metric_titles, pivot, show, split_labels, usable_labels
 
 SUITES = {
     "memory": ("Memory", "Bytes the compressed cache holds, measured from its tensors, against the layout "
@@ -51,6 +51,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     details: list[Table] = field(default_factory=list)  # long tables, shown folded
     texts: list[dict] = field(default_factory=list)
+    glossary: list[dict] = field(default_factory=list)  # every metric of the section: unit, better, meaning
 
 
 def test_function(nodeid: str) -> str:
@@ -83,7 +84,8 @@ def layer_summary(df: pd.DataFrame, title: str) -> Table:
     frame["mean"] = frame["mean"].map(lambda v: f"{v:.4g}")
     frame = blank_repeats(frame.astype(str), keys)
     through, _ = split_labels(df)
-    html = frame.to_html(index=False, escape=True, border=0, classes=["data", f"lab{len(keys) + 1}"])
+    units = dict(zip(df["metric"], df["unit"]))
+    html = html_table(frame, ["data", f"lab{len(keys) + 1}"], metric_titles(units, units))
     return Table(title, html, [t for t in through if t[0] != "layer"])
 
 
@@ -165,6 +167,19 @@ def tables(df: pd.DataFrame) -> tuple[list[Table], list[Table]]:
     return main, folded
 
 
+def glossary(df: pd.DataFrame) -> list[dict]:
+    """The section's metrics in order of appearance: unit, which direction is better, meaning (registry)."""
+    units: dict = {}
+    for m, u in zip(df["metric"], df["unit"]):
+        units.setdefault(m, u)
+    out = []
+    for m, unit in units.items():
+        reg = registry.get(m)
+        out.append({"name": m, "unit": unit or fmt.DASH, "better": reg.better if reg else "unknown",
+                    "meaning": reg.meaning if reg else metrics.meaning(m)})
+    return out
+
+
 def raw_table(df: pd.DataFrame, title: str) -> Table:
     """One row per record: metric, value ± error, unit, and its labels as text."""
     labels = [c for c in df.columns if c not in CORE and not str(c).startswith("_")]
@@ -172,7 +187,7 @@ def raw_table(df: pd.DataFrame, title: str) -> Table:
         "metric": df["metric"], "value": [fmt.pm(v, e) for v, e in zip(df["value"], df["error"])], "unit": df["unit"],
         "labels": [" · ".join(f"{c}={show(r[c])}" for c in labels if show(r[c]) != fmt.DASH)
                    for _, r in df.iterrows()]})
-    return Table(title, frame.to_html(index=False, escape=True, border=0, classes=["data", "lab1"]))
+    return Table(title, html_table(frame, ["data", "lab1"], metric_titles(dict.fromkeys(df["metric"]))))
 
 
 def baseline(df: pd.DataFrame, suite: str) -> tuple[str, bool]:
@@ -202,5 +217,5 @@ def build(df: pd.DataFrame, outcomes: dict, bits_map: dict) -> list[Section]:
             traceback.print_exc(file=sys.stderr)
             main, folded = [raw_table(sdf, f"{suite}: every record ({type(e).__name__} in the pivot: {e})")], []
         out.append(Section(suite, title, blurb, base, labelled, outcomes.get(suite, {}), len(sdf),
-                           figs, main, folded, texts(sdf)))
+                           figs, main, folded, texts(sdf), glossary(sdf)))
     return out

@@ -75,19 +75,22 @@ def headline_trends(rs: list[Run], flags: list, cache: dict) -> list:
                 s.err.append(c.error)
         if not lines:
             continue
-        unit = next(c.unit for r in rs for row in cache[r.path] if (c := row["cells"][h.key]))
+        cells = [c for r in rs for row in cache[r.path] if (c := row["cells"][h.key])]
+        unit = cells[0].unit
         marks = [(rs.index(f.at.run), f"{f.rule.name} ↑ {f.at.run.commit[:7] if f.at.run.commit else ''}")
-                 for f in flags if f.at.run in rs and h.key == "kld" and f.rule.pattern]
+                 for f in flags if f.at.run in rs and h.key == "kld" and f.rule.metric == "kld_mean"]
         series = plots.dedupe(list(lines.values()))[: len(charts.PALETTE)]
-        figs.append(charts.xy_chart(series, title=h.title, x_label="commit (trend order)",
-                                    y_label=f"{h.title} [{unit}]" if unit else h.title, x_ticks=x_ticks,
-                                    x_names=x_names, marks=sorted(set(marks)), width=560, height=280))
+        names = [m for m in dict.fromkeys(c.metric for c in cells) if m]
+        figs.append(plots.Figure(h.title, charts.xy_chart(
+            series, title=h.title, x_label="commit (trend order)", y_label=f"{h.title} [{unit}]" if unit else h.title,
+            x_ticks=x_ticks, x_names=x_names, marks=sorted(set(marks)), width=560, height=280),
+            "" if names else render.SAVED_MEANING[:1].upper() + render.SAVED_MEANING[1:] + ".", metrics=names))
     return figs
 
 
 def throughput_trends(rs: list[Run], flags: list, rules: list) -> list:
     """One chart per throughput metric and unit: a line per label set, across the runs of one group."""
-    rule = next((r for r in rules if r.pattern is None), None)
+    rule = next((r for r in rules if r.metric is None), None)
     if rule is None:
         return []
     index = {r.path: i for i, r in enumerate(rs)}
@@ -106,9 +109,9 @@ def throughput_trends(rs: list[Run], flags: list, rules: list) -> list:
         marks = [(index[f.at.run.path], f"−{100 * f.rule.threshold:g}% ↓ {(f.at.run.commit or '')[:7]}")
                  for f in flags if f.key.metric == metric and f.at.run.path in index]
         more = f" ({len(series)} of {len(merged)} series)" if len(merged) > len(series) else ""
-        figs.append(charts.xy_chart(series, title=f"{suite}: {metric}{more}", x_label="commit (trend order)",
-                                    y_label=unit, x_ticks=x_ticks, x_names=x_names, marks=sorted(set(marks)),
-                                    width=560, height=280))
+        figs.append(plots.Figure(f"{suite}: {metric}", charts.xy_chart(
+            series, title=f"{suite}: {metric}{more}", x_label="commit (trend order)", y_label=unit, x_ticks=x_ticks,
+            x_names=x_names, marks=sorted(set(marks)), width=560, height=280), metrics=[metric]))
     return figs
 
 

@@ -29,6 +29,7 @@ class Cell:
     via: str
     baseline: str
     baseline_labelled: bool
+    metric: str = ""
 
     @property
     def text(self) -> str:
@@ -59,17 +60,32 @@ HEADLINES = [
 ]
 
 
+def status(run: Run) -> str:
+    """INCOMPLETE (the run did not end: interrupted, killed), FAIL (a test failed, or the session exited
+    with a failing status), NO TESTS, else PASS. An incomplete run is never shown as PASS."""
+    if run.run.get("incomplete"):
+        return "INCOMPLETE"
+    if any(o in ("failed", "error") for o in run.tests.values()):
+        return "FAIL"
+    if run.run.get("exitstatus") not in (None, 0, 5):  # 5: no tests collected
+        return "FAIL"
+    return "PASS" if run.tests else "NO TESTS"
+
+
 def gates(run: Run) -> dict:
-    """Outcome counts overall and per suite, the failed node ids, and PASS / FAIL."""
+    """Outcome counts overall and per suite, the failed node ids, the status (``status``) and, for a
+    run that did not end, why and which tests were left unfinished."""
     per_suite: dict[str, Counter] = {}
     for nodeid, outcome in run.tests.items():
         per_suite.setdefault(suite_of(nodeid), Counter())[outcome] += 1
     total = sum(per_suite.values(), Counter())
     failed = sorted(n for n, o in run.tests.items() if o in ("failed", "error"))
-    status = "NO TESTS" if not run.tests else ("FAIL" if failed else "PASS")
-    return {"status": status, "total": {o: total.get(o, 0) for o in OUTCOMES},
+    unfinished = run.run.get("unfinished_tests") or []
+    return {"status": status(run), "total": {o: total.get(o, 0) for o in OUTCOMES},
             "suites": {s: {o: c.get(o, 0) for o in OUTCOMES} for s, c in sorted(per_suite.items())},
-            "failed": failed, "skipped_backends": run.run.get("skipped_backends") or {}}
+            "failed": failed, "skipped_backends": run.run.get("skipped_backends") or {},
+            "incomplete": run.run.get("incomplete"), "exitstatus": run.run.get("exitstatus"),
+            "unfinished": [str(t) for t in unfinished] if isinstance(unfinished, list) else [str(unfinished)]}
 
 
 def via(rec: dict, run_model: str | None) -> str:
@@ -139,7 +155,7 @@ def _cell(rec: dict | None, run_model) -> Cell | None:
     base, labelled = baseline_of(rec)
     err = rec["error"]
     return Cell(rec["value"], None if err is None or err != err else err, rec["unit"] or "", via(rec, run_model),
-                base, labelled)
+                base, labelled, rec["metric"])
 
 
 def saved_cell(recs: list[dict], run_model) -> Cell | None:
@@ -156,6 +172,7 @@ def saved_cell(recs: list[dict], run_model) -> Cell | None:
             return None
         frac, against = 1 - ratio[0]["value"], "fp16 cache by formula (ratio_vs_fp16)"
     c = _cell({**rec, "value": 100 * frac, "error": None, "unit": "%"}, run_model)
+    c.metric = ""  # computed: 1 - bytes_held / bytes of the fp16 cache
     if against:
         c.baseline, c.baseline_labelled = against, False
     return c

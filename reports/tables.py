@@ -1,17 +1,19 @@
-"""Records -> HTML tables (pandas ``to_html``, escaped): rows by the labels that vary, one column per metric.
+"""Records -> HTML tables (escaped): rows by the labels that vary, one column per metric.
 
 Labels that are the same for every row are not columns: they are returned as ``through`` and
-shown above the table, so every number still says what it was measured through.
+shown above the table, so every number still says what it was measured through. A metric's
+header (or its cell, where metrics are rows) carries its registered meaning as a tooltip.
 """
 
 from __future__ import annotations
 
+import html
 import numbers
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from . import fmt
+from . import fmt, metrics
 from .runs import label_columns
 
 # label columns first in this order, then the rest in order of appearance
@@ -99,6 +101,35 @@ def header(metric: str, unit) -> str:
     return f"{metric} [{unit}]" if unit and unit != "bool" else metric
 
 
+def html_table(frame: pd.DataFrame, classes: list[str], titles: dict[str, str] | None = None) -> str:
+    """``frame`` (cells as text) as an HTML table, everything escaped.
+
+    ``titles`` maps a header, or a cell of the ``metric`` column, to its tooltip.
+    """
+    titles = titles or {}
+
+    def cell(tag: str, text, tip: str | None) -> str:
+        text = fmt.DASH if text is None or (isinstance(text, float) and text != text) else str(text)
+        tip = titles.get(text) if tip is None else tip
+        attr = f' title="{html.escape(tip, quote=True)}"' if tip else ""
+        return f"<{tag}{attr}>{html.escape(text, quote=False)}</{tag}>"
+
+    cols = [str(c) for c in frame.columns]
+    out = [f'<table class="{html.escape(" ".join(classes), quote=True)}">', "<thead><tr>"]
+    out += [cell("th", c, None) for c in cols]
+    out.append("</tr></thead><tbody>")
+    for row in frame.itertuples(index=False):
+        out.append("<tr>" + "".join(cell("td", v, None if c == "metric" else "") for c, v in zip(cols, row))
+                   + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def metric_titles(names, units: dict | None = None) -> dict[str, str]:
+    """Tooltip text for each metric, keyed by its header ``name [unit]`` (by its name when ``units`` is None)."""
+    return {m if units is None else header(m, units.get(m)): f"{m}: {metrics.meaning(m)}" for m in names}
+
+
 def blank_repeats(table: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     """Blank a label equal to the row above's when every label before it is equal too (reads as a tree)."""
     if not cols or len(table) < 2:
@@ -152,6 +183,5 @@ def pivot(df: pd.DataFrame, title: str, *, metrics: list[str] | None = None, not
     if not vary and len(table) == 1:  # a single row reads better as metric | value
         table = pd.DataFrame({"metric": cols, "value": list(table.iloc[0])})
         vary = ["metric"]
-    html = table.to_html(index=False, escape=True, border=0, na_rep=fmt.DASH,
-                         classes=["data", f"lab{min(len(vary), 9)}"])
-    return Table(title, html, through, note)
+    html_ = html_table(table, ["data", f"lab{min(len(vary), 9)}"], metric_titles(units, units))
+    return Table(title, html_, through, note)

@@ -10,10 +10,9 @@ such run, i.e. the commit that introduced it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from . import metrics
+from . import registry
 from .runs import Run
 from .tables import TEXT_MAX, show
 
@@ -22,15 +21,30 @@ IGNORED_LABELS = {"spec"}
 
 @dataclass(frozen=True)
 class Rule:
+    """A relative threshold on one registered metric, or on every registered throughput (``metric=None``).
+
+    Which way is worse comes from the registry's direction; a metric that is not registered, or whose
+    direction is "target" or "none", is never flagged.
+    """
+
     name: str
     threshold: float  # relative change, > 0
-    direction: int  # +1: higher is better, -1: lower is better
-    pattern: str | None = None  # metric regex; None = throughput by unit or name
+    metric: str | None = None  # a registered metric; None = every throughput (registry: Metric.is_rate)
 
-    def applies(self, metric: str, unit: str | None) -> bool:
-        if self.pattern is None:
-            return metrics.is_throughput(metric, unit)
-        return re.match(self.pattern, metric, re.I) is not None
+    def __post_init__(self):
+        if self.metric is not None and registry.lookup(self.metric).sign == 0:
+            raise ValueError(f"rule {self.name!r}: {self.metric} has no better direction in {registry.FILE}")
+
+    @property
+    def direction(self) -> int:
+        """+1: higher is better (a drop is flagged), -1: lower is better (a rise is flagged)."""
+        return registry.lookup(self.metric).sign if self.metric else 1
+
+    def applies(self, metric: str, unit: str | None = None) -> bool:
+        m = registry.get(metric)
+        if m is None:
+            return False
+        return m.name == self.metric if self.metric else m.is_rate
 
     def worse(self, old: float, new: float) -> float | None:
         """Relative change in the bad direction (> 0 is worse), None when ``old`` is 0."""
@@ -44,7 +58,7 @@ class Rule:
 
 
 def default_rules(kld: float = 0.10, speed: float = 0.05) -> list[Rule]:
-    return [Rule("mean KLD", kld, -1, r"^kld_mean|^kld$"), Rule("throughput", speed, +1)]
+    return [Rule("mean KLD", kld, "kld_mean"), Rule("throughput", speed)]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """MSE: reconstruction error of the codec vs the exact optimum, and the inner-product error it causes.
 
 Random vectors: ``N_VECTORS`` seeded uniform unit vectors per dim (the same vectors on every
-backend), encoded and decoded by ``TurboQuantizer`` on the backend, errors computed in float64.
+backend, handed to it through its host: ``host.from_numpy``), encoded and decoded by
+``TurboQuantizer`` on the backend, errors computed in float64 (``hosts.to_numpy``).
 
 * ``d_mse``: E||x - x_hat||^2 (± SE), vs ``codebook.mse`` (the exact Lloyd-Max optimum of the
   rotated-coordinate density), the paper's rounded values and the Shannon lower bound 4^-b.
@@ -17,7 +18,8 @@ backend), encoded and decoded by ``TurboQuantizer`` on the backend, errors compu
   1 - D_on / 2 with it on), and the spread is std(<q, x_hat> - <q, x>) in units of rms <q, x>
   (expected sqrt(D)), recorded raw and with the bias removed.
 
-Real K/V: the model's own post-RoPE keys and values (``fixtures.capture``), per layer, with the
+Real K/V: the model's own post-RoPE keys and values (``harness.capture``, the ``captured_qkv``
+fixture), per layer, with the
 quantizers a cache uses for that layer (``rotation.derive_seed``): D_mse of the unit-normalized
 vectors and the relative error of the raw ones, as a ratio to the optimum. Real vectors are far
 from uniform on the sphere; only the rotation makes the codebook fit, and one fixed rotation per
@@ -30,7 +32,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.capture import captured_qkv, cpu_threads, to_backend, to_numpy  # noqa: F401 (fixture)
+from fixtures import configs as config_registry
+from harness import hosts
 from suites import gates
 from tq_core import TurboQuantizer
 from tq_core.codebook import SHIPPED_DIMS
@@ -52,10 +55,10 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("bits", BITS[tier], ids=lambda v: f"bits={v}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
+@pytest.fixture(autouse=True)
+def _one_torch_thread(host):
     # Small elementwise ops: torch's thread pool only adds barrier overhead (5-20x on a loaded box).
-    with cpu_threads(1):
+    with host.threads(1):
         yield
 
 
@@ -65,10 +68,10 @@ def unit_vectors(dim: int, n: int, stream: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def roundtrip(q: TurboQuantizer, x: np.ndarray, backend: str):
-    """(decoded float64, codes as numpy) of float32 ``x`` through the codec on ``backend``."""
-    enc = q.encode(to_backend(x.astype(np.float32), backend))
-    return to_numpy(q.decode(enc)), to_numpy(enc.codes)
+def roundtrip(q: TurboQuantizer, x: np.ndarray, host):
+    """(decoded float64, codes as numpy) of float32 ``x`` through the codec on ``host``'s arrays."""
+    enc = q.encode(host.from_numpy(x.astype(np.float32)))
+    return hosts.to_numpy(q.decode(enc)), hosts.to_numpy(enc.codes)
 
 
 def mean_se(v: np.ndarray) -> tuple[float, float]:
@@ -93,7 +96,7 @@ def inner_product_error(x, xh, q):
     return (slope, slope_se), spread2, resid2
 
 
-def test_random_unit_vectors(backend, dim, bits, record):
+def test_random_unit_vectors(host, dim, bits, record):
     x = unit_vectors(dim, N_VECTORS, 0)
     q = unit_vectors(dim, N_VECTORS, 1)
     q_off = TurboQuantizer(dim, bits, QUANTIZER_SEED, norm_correction=False)
@@ -105,8 +108,8 @@ def test_random_unit_vectors(backend, dim, bits, record):
         record("d_mse_paper", PAPER[bits])
         record("optimum_vs_paper", opt / PAPER[bits], "x")
 
-    xh_off, codes_off = roundtrip(q_off, x, backend)
-    xh_on, codes_on = roundtrip(q_on, x, backend)
+    xh_off, codes_off = roundtrip(q_off, x, host)
+    xh_on, codes_on = roundtrip(q_on, x, host)
     # Norm correction changes the stored scale only, never the codes.
     assert np.array_equal(codes_off, codes_on), "norm correction changed the codes"
 
@@ -143,16 +146,14 @@ def test_random_unit_vectors(backend, dim, bits, record):
 # ---- real K and V -----------------------------------------------------------------------------
 def real_bits(tier: str) -> list[tuple[str, int]]:
     """(kind, bits) pairs to measure: the default config's, or every config's in the nightly tier."""
-    from fixtures.configs import CONFIGS, DEFAULT
-
-    configs = list(CONFIGS.values()) if tier == "nightly" else [DEFAULT]
+    configs = config_registry.for_tier("nightly") if tier == "nightly" else [config_registry.DEFAULT]
     pairs = {("k", c.bits_k) for c in configs} | {("v", c.bits_v) for c in configs}
     return sorted(pairs)
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("norm_correction", [False, True], ids=lambda v: f"norm_correction={v}")
-def test_real_kv(backend, captured_qkv, norm_correction, request, record):  # noqa: F811
+def test_real_kv(host, captured_qkv, norm_correction, tier, record):
     """Per layer: D_mse of the model's own K/V with that layer's cache quantizers, vs the optimum.
 
     Reference ("optimum"): ``codebook.mse`` with norm correction off; with it on, the D_mse the
@@ -160,15 +161,15 @@ def test_real_kv(backend, captured_qkv, norm_correction, request, record):  # no
     scalar optimum is not what a norm-corrected codec converges to (see the module docstring).
     """
     cap = captured_qkv
-    seed = 0  # CacheConfig().seed: the rotations a default cache uses
-    for kind, bits in real_bits(request.config.getoption("--tq-tier")):
+    seed = config_registry.DEFAULT.seed  # the rotations a default cache uses
+    for kind, bits in real_bits(tier):
         arrays = cap.k if kind == "k" else cap.v
         opt = TurboQuantizer(cap.head_dim, bits, seed).codebook.mse
         ref, ref_se = opt, 0.0
         if norm_correction:
             u = unit_vectors(cap.head_dim, N_VECTORS, 0)
             uq = TurboQuantizer(cap.head_dim, bits, seed, norm_correction=True)
-            ref, ref_se = mean_se(((u - roundtrip(uq, u, backend)[0]) ** 2).sum(1))
+            ref, ref_se = mean_se(((u - roundtrip(uq, u, host)[0]) ** 2).sum(1))
         lab = dict(kind=kind, bits=bits)
         record("uniform_reference_d_mse", ref, error=ref_se, **lab)
         ratios = []
@@ -177,7 +178,7 @@ def test_real_kv(backend, captured_qkv, norm_correction, request, record):  # no
             norms = np.linalg.norm(x, axis=1)
             u = x / norms[:, None]
             qz = TurboQuantizer(cap.head_dim, bits, derive_seed(seed, layer, kind), norm_correction=norm_correction)
-            both, _ = roundtrip(qz, np.concatenate([u, x]), backend)  # one codec call: unit, then raw
+            both, _ = roundtrip(qz, np.concatenate([u, x]), host)  # one codec call: unit, then raw
             uh, xh = both[: len(u)], both[len(u):]
             d, d_se = mean_se(((u - uh) ** 2).sum(1))
             rel, rel_se = mean_se(((x - xh) ** 2).sum(1) / norms ** 2)

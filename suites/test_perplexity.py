@@ -1,14 +1,14 @@
 """Perplexity and KL divergence of the next-token distributions, measured THROUGH the compressed cache.
 
 A single forward pass over a text never reads the cache, so the text is fed through it
-(``tq_core.scoring``): ``chunk`` tokens at a time, each chunk attending to the history as the
-cache holds it. ``chunk=1`` is decode semantics, as in generation: every scored token attends to
-the compressed history and to itself. Every compressed scoring is compared, position by
+(``harness.scoring``, on the backend's host): ``chunk`` tokens at a time, each chunk attending to
+the history as the cache holds it. ``chunk=1`` is decode semantics, as in generation: every
+scored token attends to the compressed history and to itself. Every compressed scoring is compared, position by
 position, with the uncompressed cache of the same backend, tokens and protocol in the same run
 (``baseline`` below, computed once per (backend, protocol) and shared by the module's tests).
 
-Text: the first N tokens of ``corpus.text`` under the model's own tokenizer (HF tokenizer; for
-mlx-lm the ``TokenizerWrapper``'s ``_tokenizer``), no special tokens added.
+Text: the first N tokens of ``corpus.text`` under the model's own HF tokenizer (``host.tokenize``;
+for mlx-lm the tokenizer its ``TokenizerWrapper`` wraps), no special tokens added.
 
 Recorded per scoring (``scoring.compare``; suite "perplexity"): ppl and ppl_base (± SE, token
 NLLs treated as independent), dppl_pct (± paired SE), kld_mean (± SE), kld_median, kld_p99,
@@ -17,14 +17,18 @@ end of the text, measured from its arrays (``scoring.held_bytes``): bytes_held,
 bits_per_channel (codes + norms + sinks + window over every K and V channel of every token held)
 and bits_per_channel_codes (codes + norms over the encoded tokens only). SmolLM2 is a float32
 model, so sinks and window are held in float32: at 511 tokens they are 132 of them and dominate
-bits_per_channel (the baseline cache holds 32 bits per channel). Labels: mode, chunk, tokens,
-sinks, window, baseline="uncompressed cache, same run", extra=<name> for protocol extras.
+bits_per_channel (the baseline cache holds 32 bits per channel). Labels: config (the config's
+label), mode, chunk, tokens, sinks, window, model, baseline="uncompressed cache, same run",
+extra=<name> for protocol extras. Every quality gate records ``gate_calibrated`` (1: checked
+against a band measured for this config, protocol and model; 0: only the model-independent check
+ran).
 
-Tiers. Costs on the 2-core CPU box (torch on one thread, MLX with the system OpenBLAS that
-``tq_core.blas`` loads for it): one decode step of SmolLM2-135M is ~62 ms in torch (it streams
-540 MB of float32 weights); a compressed step ~25-40 ms more (encode the token leaving the
-window, decode the whole history); mlx steps 0.1-0.25 s. (An ``LD_PRELOAD`` of OpenBLAS would
-take over torch's sgemv too and make its steps ~1.4x slower; ``tq_core.blas`` avoids that.) A compressed decode takes its first
+Tiers. Costs on the 2-core CPU box (torch on one thread: every scoring runs inside
+``host.threads(1)``; MLX with the system OpenBLAS that ``harness.blas`` loads for it): one
+decode step of SmolLM2-135M is ~62 ms in torch (it streams 540 MB of float32 weights); a
+compressed step ~25-40 ms more (encode the token leaving the window, decode the whole history);
+mlx steps 0.1-0.25 s. (An ``LD_PRELOAD`` of OpenBLAS would take over torch's sgemv too and make
+its steps ~1.4x slower; ``harness.blas`` avoids that.) A compressed decode takes its first
 sinks + window = 132 positions from the baseline exactly (``scoring.logprobs(fork_from=...)``).
 Under the usual load of other jobs everything takes 1.5-3x longer.
 
@@ -61,12 +65,13 @@ import pytest
 
 from fixtures import configs as registry
 from fixtures import targets
+from harness import hosts, scoring
+from harness.scoring import Protocol
 from suites import gates
-from tq_core import scoring
-from tq_core.scoring import Protocol
 
 BASELINE_LABEL = "uncompressed cache, same run"
 CHUNK = 64  # the chunked protocol extra
+THREADS = 1  # torch CPU threads while scoring (see the module docstring; no-op on other hosts)
 
 # Tokens scored, per tier: decode semantics (chunk=1), the chunk-64 extras, and the one-pass
 # cross-backend floor. Every backend scores the same tokens, so results compare across backends.
@@ -78,19 +83,20 @@ DECODE_TOKENS = {"default": 384, "nightly": 1024}
 HEADLINE_TOKENS = 512
 
 
-def tokens_for(request, chunk: int) -> int:
-    tier = request.config.getoption("--tq-tier")
+def tokens_for(tier: str, chunk: int) -> int:
     return DECODE_TOKENS[tier] if chunk == 1 else TOKENS[tier]
-# What the default tier runs on each backend; everything else of this module is nightly only.
-# torch-cpu: the headline decode scoring + the cheap chunk-64 extras. mlx on CPU: a decode step
-# costs 0.1-0.25 s there, so decode semantics is nightly; the default tier checks its compressed
-# scoring at chunk 64 against the same gates as torch, plus the one-pass floor. A GPU makes
-# decode steps cheap: torch-cuda runs the whole default-tier protocol set.
+
+
+# What the default tier runs on each backend, configs by label; everything else of this module is
+# nightly only. torch-cpu: the headline decode scoring + the cheap chunk-64 extras. mlx on CPU: a
+# decode step costs 0.1-0.25 s there, so decode semantics is nightly; the default tier checks its
+# compressed scoring at chunk 64 against the same gates as torch, plus the one-pass floor. A GPU
+# makes decode steps cheap: torch-cuda runs the whole default-tier protocol set.
 _TIER_CONFIGS = tuple(registry.TIERS["default"])
 DEFAULT_RUNS = {
-    "torch-cpu": {"decode": ("K4V2",), "chunked": ("K4V2",), "plain": (CHUNK,), "simulated": ((CHUNK, "plain"),),
-                  "decode_floor": True},
-    "mlx": {"decode": (), "chunked": ("K4V2",), "plain": (), "simulated": (), "decode_floor": False},
+    "torch-cpu": {"decode": (registry.DEFAULT.label,), "chunked": (registry.DEFAULT.label,), "plain": (CHUNK,),
+                  "simulated": ((CHUNK, "plain"),), "decode_floor": True},
+    "mlx": {"decode": (), "chunked": (registry.DEFAULT.label,), "plain": (), "simulated": (), "decode_floor": False},
     "torch-cuda": {"decode": _TIER_CONFIGS, "chunked": _TIER_CONFIGS, "plain": (1, CHUNK),
                    "simulated": ((1, "plain"), (1, "default"), (CHUNK, "plain"), (CHUNK, "default")),
                    "decode_floor": True},
@@ -104,9 +110,9 @@ WHY_NIGHTLY = {
 }
 
 
-def default_tier_runs(request, backend: str, kind: str, item=True) -> None:
+def default_tier_runs(tier: str, backend: str, kind: str, item=True) -> None:
     """Skip (with the reason) what the default tier does not run on ``backend``."""
-    if request.config.getoption("--tq-tier") != "default":
+    if tier != "default":
         return
     runs = DEFAULT_RUNS.get(backend, {}).get(kind, ())
     if not (runs if isinstance(runs, bool) else item in runs):
@@ -117,14 +123,10 @@ def default_tier_runs(request, backend: str, kind: str, item=True) -> None:
 GOAL_DPPL_PCT = 2.0  # the project goal for K4/V2 default at decode semantics (not a gate)
 GOAL_KLD = 0.015
 REFERENCE = "torch-cpu"  # cross-backend noise floor: every other backend against this one
-REUSED = (registry.CONFIGS["K4V2"], registry.PLAIN["K4V2-plain"])  # cache-mode results kept for test_simulated
+REUSED = (registry.DEFAULT.label, registry.PLAIN.label)  # cache-mode results kept for test_simulated
 
 
-def tier_of(request) -> str:
-    return request.config.getoption("--tq-tier")
-
-
-# ---- scoring, cached per module -----------------------------------------------------------------
+# ---- scoring, kept per module -------------------------------------------------------------------
 class Scorer:
     """Token ids and baselines, computed once per (backend, protocol) for the whole module."""
 
@@ -135,13 +137,13 @@ class Scorer:
         self._comp: dict = {}
 
     def ids(self, backend: str, n: int) -> list[int]:
-        key = (targets.lib(backend), n)
+        host = hosts.get(backend)
+        key = (host.lib, n)
         if key not in self._ids:
-            _, tok = self.load_model(backend)
-            hf_tok = tok._tokenizer if targets.lib(backend) == "mlx" else tok  # mlx-lm's TokenizerWrapper
+            m = self.load_model(backend)
             text = self.corpus.text
             for chars in (n * 8, n * 32, None):  # ~3.5 chars per token here; no need to tokenize 465 kB
-                ids = hf_tok(text if chars is None else text[:chars], add_special_tokens=False)["input_ids"]
+                ids = host.tokenize(m, text if chars is None else text[:chars])
                 if len(ids) > n or chars is None or chars >= len(text):
                     break
             if len(ids) < n:
@@ -150,13 +152,16 @@ class Scorer:
         return self._ids[key]
 
     def score(self, backend: str, config, protocol: Protocol, **kw):
-        """(log-probs, cache, seconds) of one scoring."""
-        model, _ = self.load_model(backend)
+        """(log-probs, cache, seconds) of one scoring, on ``THREADS`` torch CPU threads."""
+        host = hosts.get(backend)
+        m = self.load_model(backend)
         ids = self.ids(backend, protocol.tokens)
-        t0, c0 = time.perf_counter(), time.process_time()
-        lp, cache = scoring.logprobs(model, ids, config, targets.lib(backend), protocol, return_cache=True, **kw)
-        targets.synchronize(backend)
-        return lp, cache, {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+        with host.threads(THREADS):
+            t0, c0 = time.perf_counter(), time.process_time()
+            lp, cache = scoring.logprobs(host, m, ids, config, protocol, return_cache=True, **kw)
+            host.sync()
+            secs = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+        return lp, cache, secs
 
     def baseline(self, backend: str, protocol: Protocol):
         """(log-probs, cache, seconds) of the uncompressed cache, once per (backend, protocol)."""
@@ -170,32 +175,27 @@ class Scorer:
 
         Results of the configs in ``REUSED`` are kept (the simulated-mode test compares with them).
         """
-        key = (backend, config, protocol)
+        key = (backend, config.label, protocol)
         if key in self._comp:
             return self._comp[key]
         base_lp, base_cache, _ = self.baseline(backend, protocol)
         lp, cache, secs = self.score(backend, config, protocol, fork_from=(base_lp, base_cache))
         ids = self.ids(backend, protocol.tokens)
         out = scoring.compare(base_lp, lp, ids), lp, cache, secs
-        if config in REUSED:
+        if config.label in REUSED:
             self._comp[key] = out
         return out
+
+    def clear(self) -> None:
+        self._base.clear()
+        self._comp.clear()
 
 
 @pytest.fixture(scope="module")
 def scorer(load_model, corpus, real_spec):
     s = Scorer(load_model, corpus, real_spec)
     yield s
-    s._base.clear()
-    s._comp.clear()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cpu_threads():
-    """scoring.logprobs picks one torch thread for decode steps; the rest of this module's torch
-    work (one-pass baselines, comparisons) is small too."""
-    with targets.torch_threads(1):
-        yield
+    s.clear()
 
 
 # ---- recording ----------------------------------------------------------------------------------
@@ -218,20 +218,22 @@ def record_comparison(record, cmp: dict, labels: dict) -> None:
     record("positions_scored", cmp["tokens"], "token", **labels)
 
 
-def record_held(record, cache, config, backend: str, labels: dict, base_cache=None) -> dict:
-    held = scoring.held_bytes(cache, targets.lib(backend))
+def record_held(record, host, cache, config, labels: dict, base_cache=None) -> dict:
+    held = scoring.held_bytes(host, cache)
     fp = min(held["tokens"], config.sinks + config.window)
     enc = held["tokens"] - fp
     record("bytes_held", held["total"], "B", **labels)
     record("bits_per_channel", held["bits_per_channel"], "bit", **labels)
     if enc:
-        codes_bits = (held["codes"] + held["norms"]) * 8 / (enc * held["channels"])
+        # What the method stores per encoded token (TurboQuant: codes + norms), from its codecs' fields.
+        fields = {f for s in host.stores(cache) for c in (s.codec_k, s.codec_v) for f in c.fields()}
+        codes_bits = sum(held.get(f, 0) for f in fields) * 8 / (enc * held["channels"])
         record("bits_per_channel_codes", codes_bits, "bit", **labels)
     for part in ("codes", "norms", "sinks", "window", "other"):
         if part in held:
             record(f"bytes_{part}", held[part], "B", **labels)
     if base_cache is not None:
-        base = scoring.held_bytes(base_cache, targets.lib(backend))
+        base = scoring.held_bytes(host, base_cache)
         record("bytes_baseline_cache", base["total"], "B", **labels)
         record("bits_per_channel_baseline", base["bits_per_channel"], "bit", **labels)
     record("tokens_held", held["tokens"], "token", **labels)
@@ -244,16 +246,22 @@ def record_seconds(record, secs: dict, labels: dict) -> None:
     record("scoring_cpu_seconds", secs["cpu"], "s", **labels)
 
 
+def check(record, label: str, cmp: dict, labels: dict, *, chunk: int, backend: str, mode: str = "cache") -> None:
+    """The perplexity gate of one scoring, and whether a measured band was there to check it."""
+    status = gates.check_perplexity(label, cmp, chunk=chunk, backend=backend, mode=mode, model=labels["model"])
+    record("gate_calibrated", 1.0 if status == "calibrated" else 0.0, "bool", gate="perplexity", **labels)
+
+
 def measure(scorer, backend, config, protocol, record, *, extra=None):
-    """Score, compare with the baseline, record everything, return (comparison, held bytes)."""
+    """Score, compare with the baseline, record everything, return (comparison, held bytes, labels)."""
     cmp, _, cache, secs = scorer.compressed(backend, config, protocol)
     labels = protocol_labels(config, protocol, scorer.spec, **({"extra": extra} if extra else {}))
     record_comparison(record, cmp, labels)
     base_cache = scorer.baseline(backend, protocol)[1]
-    held = record_held(record, cache, config, backend, labels, base_cache)
+    held = record_held(record, hosts.get(backend), cache, config, labels, base_cache)
     record_seconds(record, secs, labels)
     assert held["tokens"] == protocol.tokens - 1, f"cache holds {held['tokens']} tokens, fed {protocol.tokens - 1}"
-    return cmp, held
+    return cmp, held, labels
 
 
 # ---- decode semantics: every config of the tier -------------------------------------------------
@@ -264,52 +272,52 @@ def record_goal(record, cmp: dict, held: dict, labels: dict) -> None:
            bits_per_channel=round(held["bits_per_channel"], 4), **labels)
 
 
-def test_perplexity(backend, config_name, cache_config, scorer, record, request):
-    default_tier_runs(request, backend, "decode", config_name)
-    protocol = Protocol(tokens_for(request, 1), 1)
-    cmp, held = measure(scorer, backend, cache_config, protocol, record)
-    if config_name == "K4V2":
-        record_goal(record, cmp, held, protocol_labels(cache_config, protocol, scorer.spec))
-    gates.check_perplexity(config_name, cmp, chunk=1, backend=backend)
+def test_perplexity(backend, cache_config, tier, scorer, record):
+    default_tier_runs(tier, backend, "decode", cache_config.label)
+    protocol = Protocol(tokens_for(tier, 1), 1)
+    cmp, held, labels = measure(scorer, backend, cache_config, protocol, record)
+    if cache_config.label == registry.DEFAULT.label:
+        record_goal(record, cmp, held, labels)
+    check(record, cache_config.label, cmp, labels, chunk=1, backend=backend)
 
 
 @pytest.mark.nightly
 def test_headline(backend, scorer, record):
     """K4V2 default at 512 tokens, decode semantics: the README's numbers, gated as measured."""
-    config = registry.CONFIGS["K4V2"]
+    config = registry.DEFAULT
     protocol = Protocol(HEADLINE_TOKENS, 1)
-    cmp, held = measure(scorer, backend, config, protocol, record, extra="headline")
-    record_goal(record, cmp, held, protocol_labels(config, protocol, scorer.spec, extra="headline"))
-    gates.check_perplexity("K4V2", cmp, chunk=1, backend=backend)
+    cmp, held, labels = measure(scorer, backend, config, protocol, record, extra="headline")
+    record_goal(record, cmp, held, labels)
+    check(record, config.label, cmp, labels, chunk=1, backend=backend)
 
 
 # ---- protocol extras ----------------------------------------------------------------------------
-def test_perplexity_chunked(backend, config_name, cache_config, scorer, record, request):
+def test_perplexity_chunked(backend, cache_config, tier, scorer, record):
     """Chunks of 64 tokens (each attends to itself in full precision): cheap, so the whole tier."""
-    default_tier_runs(request, backend, "chunked", config_name)
-    protocol = Protocol(tokens_for(request, CHUNK), CHUNK)
-    cmp, _ = measure(scorer, backend, cache_config, protocol, record, extra=f"chunk{CHUNK}")
-    gates.check_perplexity(config_name, cmp, chunk=CHUNK, backend=backend)
+    default_tier_runs(tier, backend, "chunked", cache_config.label)
+    protocol = Protocol(tokens_for(tier, CHUNK), CHUNK)
+    cmp, _, labels = measure(scorer, backend, cache_config, protocol, record, extra=f"chunk{CHUNK}")
+    check(record, cache_config.label, cmp, labels, chunk=CHUNK, backend=backend)
 
 
 @pytest.mark.parametrize("chunk", [1, CHUNK], ids=lambda v: f"chunk={v}")
-def test_plain(backend, chunk, scorer, record, request):
+def test_plain(backend, chunk, tier, scorer, record):
     """K4V2 with no sinks and no window: what the codes alone cost (the headline comparison).
 
     Two-sided: its KLD must sit well above the noise floor (every position but the first reads
     codes) and near the measured value.
     """
-    default_tier_runs(request, backend, "plain", chunk)
-    config = registry.PLAIN["K4V2-plain"]
-    protocol = Protocol(tokens_for(request, chunk), chunk)
-    cmp, held = measure(scorer, backend, config, protocol, record, extra="plain")
+    default_tier_runs(tier, backend, "plain", chunk)
+    config = registry.PLAIN
+    protocol = Protocol(tokens_for(tier, chunk), chunk)
+    cmp, held, labels = measure(scorer, backend, config, protocol, record, extra="plain")
     assert held["sinks"] == held["window"] == 0
-    gates.check_perplexity("K4V2-plain", cmp, chunk=chunk, backend=backend)
+    check(record, config.label, cmp, labels, chunk=chunk, backend=backend)
 
 
 @pytest.mark.parametrize("variant", ["plain", "default"], ids=lambda v: f"variant={v}")
 @pytest.mark.parametrize("chunk", [1, CHUNK], ids=lambda v: f"chunk={v}")
-def test_simulated(backend, chunk, variant, scorer, record, request):
+def test_simulated(backend, chunk, variant, tier, scorer, record):
     """Simulated mode: every K/V is quantized before attention, the step's own tokens included.
 
     Checked first: the mode took effect (the scoring differs from cache mode on the same
@@ -318,9 +326,9 @@ def test_simulated(backend, chunk, variant, scorer, record, request):
     default sinks and window a new token is stored in the full-precision window, so simulated and
     cache mode differ only by the token leaving the window one step earlier.
     """
-    default_tier_runs(request, backend, "simulated", (chunk, variant))
-    config = registry.PLAIN["K4V2-plain"] if variant == "plain" else registry.CONFIGS["K4V2"]
-    n = tokens_for(request, chunk)
+    default_tier_runs(tier, backend, "simulated", (chunk, variant))
+    config = registry.PLAIN if variant == "plain" else registry.DEFAULT
+    n = tokens_for(tier, chunk)
     cache_cmp, cache_lp, _, _ = scorer.compressed(backend, config, Protocol(n, chunk))
     protocol = Protocol(n, chunk, "simulated")
     base_lp = scorer.baseline(backend, Protocol(n, chunk))[0]
@@ -334,21 +342,20 @@ def test_simulated(backend, chunk, variant, scorer, record, request):
     record_comparison(record, cmp, labels)
     record("kld_vs_cache_mode", scoring.compare(cache_lp, lp, ids)["kld_mean"], "nats", **labels)
     record("max_abs_dlogprob_vs_cache_mode", diff, "nats", **labels)
-    record_held(record, cache, config, backend, labels)
+    record_held(record, hosts.get(backend), cache, config, labels)
     record_seconds(record, secs, labels)
     # Quantizing a chunk's own K/V too can only add error on top of cache mode (plain: clearly).
     if variant == "plain":
         assert cmp["kld_mean"] > cache_cmp["kld_mean"], (
             f"simulated KLD {cmp['kld_mean']:.4g} <= cache-mode KLD {cache_cmp['kld_mean']:.4g}")
-    gates.check_perplexity("K4V2-plain" if variant == "plain" else "K4V2", cmp, chunk=chunk, backend=backend,
-                           mode="simulated")
+    check(record, config.label, cmp, labels, chunk=chunk, backend=backend, mode="simulated")
 
 
 # ---- noise floors -------------------------------------------------------------------------------
-def test_noise_floor_decode_vs_one_pass(backend, scorer, record, request):
+def test_noise_floor_decode_vs_one_pass(backend, tier, scorer, record):
     """The uncompressed cache fed one token at a time vs one forward pass: float rounding only."""
-    default_tier_runs(request, backend, "decode_floor")
-    n = tokens_for(request, 1)
+    default_tier_runs(tier, backend, "decode_floor")
+    n = tokens_for(tier, 1)
     decode = Protocol(n, 1)
     one = Protocol(n, n)
     dec_lp = scorer.baseline(backend, decode)[0]
@@ -364,14 +371,14 @@ def test_noise_floor_decode_vs_one_pass(backend, scorer, record, request):
     gates.check_decode_noise_floor(cmp)
 
 
-def test_noise_floor_cross_backend(backend, scorer, record, request):
+def test_noise_floor_cross_backend(backend, tier, scorer, record):
     """One forward pass of the uncompressed model on this backend vs on torch-cpu (same token ids)."""
     if backend == REFERENCE:
         pytest.skip(f"{REFERENCE} is the reference the other backends are compared with")
     missing = targets.missing_reason(REFERENCE)
     if missing:
         pytest.skip(f"cross-backend noise floor needs the reference: {missing}")
-    n = TOKENS[tier_of(request)]
+    n = TOKENS[tier]
     one = Protocol(n, n)
     ids = scorer.ids(backend, n)
     assert scorer.ids(REFERENCE, n) == ids, "the two backends' tokenizers give different ids"

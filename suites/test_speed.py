@@ -11,7 +11,7 @@ recorded (one unwarmed call is not a measurement).
 
 How the clock is read:
 * ``benchmark.pedantic(target, setup=..., rounds=R, warmup_rounds=W, iterations=1)``; the target
-  ends with ``fixtures.targets.synchronize(backend)`` (torch) or ``mx.eval`` of its outputs (mlx),
+  ends with ``host.sync(...)`` (a device synchronize on torch, ``mx.eval`` of its outputs on mlx),
   so queued device work is inside the measurement. Reported values are medians over rounds.
 * Memory is touched before timing: once per backend at the largest codec shape of the tier, by
   the warm-up rounds of each test, and for the real model by one untimed prefill of the full
@@ -50,21 +50,17 @@ Measurements (``record``):
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import statistics
-import time
 
 import numpy as np
 import pytest
 
+from fixtures import configs as config_registry
 from fixtures import models as registry
-from fixtures import targets
+from harness import blas, timing
 from suites import gates
-from tq_core import CacheConfig, TurboQuantizer, blas
+from tq_core import TurboQuantizer
 
-CONFIG = CacheConfig()  # the headline K4/V2 default (4 sinks, 128-token window)
+CONFIG = config_registry.DEFAULT  # the headline K4/V2 default (4 sinks, 128-token window)
 
 TIERS = {
     "default": dict(vectors=4096, rounds=3, warmup=1, prompt=256, model_rounds=1, model_warmup=0,
@@ -98,164 +94,85 @@ def tier(request) -> dict:
     return TIERS[request.config.getoption("--tq-tier")]
 
 
-# ---- measurement conditions ---------------------------------------------------------------------
-def _threads_wanted() -> int:
-    raw = os.environ.get("TQ_SPEED_THREADS", "1")
-    try:
-        n = int(raw)
-    except ValueError:
-        raise pytest.UsageError(f"TQ_SPEED_THREADS must be a non-negative int, got {raw!r}") from None
-    if n < 0:
-        raise pytest.UsageError(f"TQ_SPEED_THREADS must be a non-negative int, got {raw!r}")
-    return n
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    """Pin torch's CPU thread pool for this module (restored afterwards); see the module docstring."""
-    with targets.torch_threads(_threads_wanted()):
+@pytest.fixture(autouse=True)
+def _threads(host):
+    """Pin the host's CPU thread pool for each test (restored afterwards); see harness/timing.py."""
+    with host.threads(timing.threads_wanted()):
         yield
 
 
-def _conditions(backend: str) -> dict:
-    """Labels that describe how a measurement was taken."""
-    if targets.lib(backend) == "torch":
-        import torch
+class Conditions(timing.Gemm):
+    """What the module measures once per backend: which backends were warmed, mlx's GEMM rate."""
 
-        return {"threads": torch.get_num_threads()}
-    return {}
+    def __init__(self):
+        super().__init__()
+        self.warmed: set = set()
 
+    def warm(self, host, tier: dict, d: int) -> None:
+        """Touch memory once per backend at the largest codec shape of the tier (d, 4 bits) before timing."""
+        if host.backend in self.warmed:
+            return
+        x = host.randn((tier["vectors"], d), timing.speed_dtype(host))
+        codec = _codec(d, max(BITS))
+        parts = codec.encode(x)
+        host.sync(*parts.values())
+        host.sync(codec.decode(parts, x.dtype))
+        self.warmed.add(host.backend)
 
-# ---- one interface over torch and mlx -----------------------------------------------------------
-class Lib:
-    """The few array operations the timed functions need, for one backend."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-        self.mlx = targets.lib(backend) == "mlx"
-        if self.mlx:
-            import mlx.core as mx
-
-            self.mx = mx
-            self.dtype = mx.float16
-        else:
-            import torch
-
-            self.torch = torch
-            self.device = targets.torch_device(backend)
-            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).rsplit(".", 1)[-1]
-
-    @property
-    def itemsize(self) -> int:
-        return 2 if "16" in self.dtype_name else 4
-
-    def randn(self, *shape):
-        if self.mlx:
-            x = self.mx.random.normal(shape).astype(self.dtype)
-            self.mx.eval(x)
-            return x
-        return self.torch.randn(*shape, device=self.device).to(self.dtype)
-
-    def done(self, *arrays) -> None:
-        """Block until ``arrays`` (and everything queued before them) are computed."""
-        if self.mlx:
-            self.mx.eval(*[a for a in arrays if a is not None])
-        else:
-            targets.synchronize(self.backend)
+    def gemm_gflops(self, host) -> float | None:
+        return self.gflops(host)
 
 
-class HandTimer:
-    """Seconds of the rounds timed by hand (the interleaved baseline), warm-up rounds dropped."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.all: list[float] = []
-
-    @contextlib.contextmanager
-    def round(self):
-        t0 = time.perf_counter()
-        yield
-        self.all.append(time.perf_counter() - t0)
-
-    @property
-    def median(self) -> float | None:
-        timed = self.all[self.warmup:]
-        return statistics.median(timed) if timed else None
+@pytest.fixture(scope="module")
+def conditions():
+    return Conditions()
 
 
-def _median(benchmark) -> float | None:
-    """Median seconds per round of what pytest-benchmark timed; None when benchmarks are disabled."""
-    stats = getattr(benchmark, "stats", None)
-    return None if stats is None else float(stats.stats.median)
+def _codec(d: int, bits: int):
+    """The codec a cache encodes with: the fused kernel of the device where there is one."""
+    from tq_core.methods.turboquant import TurboQuantCodec
 
-
-def _note_load(benchmark, record, backend: str) -> None:
-    """Record the conditions of a measurement: host load, and for mlx the GEMM rate (which BLAS)."""
-    load = os.getloadavg()[0]
-    benchmark.extra_info["host_load_1m"] = round(load, 2)
-    benchmark.extra_info["cpu_count"] = os.cpu_count()
-    record("host_load_1m", load, "procs")
-    if targets.lib(backend) == "mlx":
-        benchmark.extra_info["mlx_gemm_gflops"] = round(mlx_gemm_gflops(), 1)
-        record("mlx_gemm_gflops", mlx_gemm_gflops(), "GFLOP/s")
-
-
-_WARMED: set = set()
-
-
-def _warm(lib: Lib, tier: dict, d: int) -> None:
-    """Touch memory once per backend at the largest codec shape of the tier (d, 4 bits) before timing."""
-    if lib.backend in _WARMED:
-        return
-    x = lib.randn(tier["vectors"], d)
-    q = TurboQuantizer(d, max(BITS))
-    enc = q.encode(x)
-    lib.done(enc.codes, enc.norms)
-    lib.done(q.decode(enc))
-    _WARMED.add(lib.backend)
+    return TurboQuantCodec(TurboQuantizer(d, bits))
 
 
 # ---- codec throughput ---------------------------------------------------------------------------
 @pytest.mark.parametrize("op", ["encode", "decode"], ids=lambda v: f"op={v}")
-def test_codec_throughput(backend, d, bits, op, tier, request, benchmark, record):
-    lib = Lib(backend)
-    _warm(lib, tier, 256 if request.config.getoption("--tq-tier") == "nightly" else 128)
+def test_codec_throughput(backend, host, d, bits, op, tier, request, benchmark, record, conditions):
+    """Encode and decode as a cache does them (``TurboQuantCodec``: the fused kernel on CUDA)."""
+    conditions.warm(host, tier, 256 if request.config.getoption("--tq-tier") == "nightly" else 128)
     n = tier["vectors"]
-    q = TurboQuantizer(d, bits)
-    x = lib.randn(n, d)
-    in_fp = n * d * lib.itemsize
+    codec = _codec(d, bits)
+    dtype = timing.speed_dtype(host)
+    x = host.randn((n, d), dtype)
+    in_fp = n * d * timing.itemsize(dtype)
     if op == "encode":
         def target():
-            enc = q.encode(x)
-            lib.done(enc.codes, enc.norms)
-            return enc
+            parts = codec.encode(x)
+            host.sync(*parts.values())
+            return parts
 
         nbytes_in = in_fp
     else:
-        enc = q.encode(x)
-        lib.done(enc.codes, enc.norms)
-        nbytes_in = enc.nbytes
+        parts = codec.encode(x)
+        host.sync(*parts.values())
+        nbytes_in = sum(host.nbytes(a) for a in parts.values())
 
         def target():
-            y = q.decode(enc)
-            lib.done(y)
+            y = codec.decode(parts, dtype)
+            host.sync(y)
             return y
 
     benchmark.group = f"codec {op} {backend}"
     out = benchmark.pedantic(target, rounds=tier["rounds"], warmup_rounds=tier["warmup"], iterations=1)
     # What was timed produced the right thing (not a timing check).
     if op == "encode":
-        assert tuple(out.codes.shape) == (n, q.code_bytes) and tuple(out.norms.shape) == (n,)
+        assert tuple(out["codes"].shape) == (n, codec.q.code_bytes) and tuple(out["norms"].shape) == (n,)
     else:
         assert tuple(out.shape) == (n, d) and out.dtype == x.dtype
-    med = _median(benchmark)
+    med = timing.median(benchmark)
     if med is None:
         return
-    labels = dict(dtype=lib.dtype_name, vectors=n, **_conditions(backend))
+    labels = dict(dtype=timing.dtype_name(dtype), vectors=n, **timing.conditions(host))
     rates = {"vectors_per_s": (n / med, "vec/s"), "gb_per_s": (nbytes_in / med / 1e9, "GB/s")}
     if op == "decode":
         rates["out_gb_per_s"] = (in_fp / med / 1e9, "GB/s")
@@ -264,67 +181,35 @@ def test_codec_throughput(backend, d, bits, op, tier, request, benchmark, record
         record(metric, value, unit, **labels)
         benchmark.extra_info[metric] = value
     benchmark.extra_info.update(labels, bytes_in=nbytes_in, seconds_median=med)
-    _note_load(benchmark, record, backend)
+    timing.note_load(benchmark, record, host, conditions.gemm_gflops(host))
 
 
 # ---- the real model: prefill and greedy decode, compressed vs baseline --------------------------
 class ModelRunner:
     """Prefill / greedy decode of a loaded model through a given cache, synchronized at the end."""
 
-    def __init__(self, backend: str, model, tokenizer, ids: list[int]):
-        self.backend, self.model, self.ids = backend, model, ids
-        self.mlx = targets.lib(backend) == "mlx"
-        if self.mlx:
-            import mlx.core as mx
-
-            from tq_core.integrations import mlx_lm
-
-            self.mx, self.integration = mx, mlx_lm
-            self.prompt = mx.array([ids])
-        else:
-            import torch
-
-            from tq_core.integrations import hf
-
-            self.torch, self.integration = torch, hf
-            self.kwarg = hf.cache_kwarg(model)
-            self.prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    def __init__(self, host, m, ids: list[int]):
+        self.host, self.m, self.ids = host, m, ids
 
     def new_cache(self, config):
-        m, i = self.model, self.integration
-        if self.mlx:
-            return i.baseline_cache(m) if config is None else i.make_cache(m, config)
-        return i.dynamic_cache(m) if config is None else i.make_cache(m, config)
+        return self.host.new_cache(self.m, config)
 
-    def _forward(self, x, cache):
-        if self.mlx:
-            return self.model(x, cache=cache)
-        with self.torch.no_grad():
-            return self.model(input_ids=x, use_cache=True, **{self.kwarg: cache}).logits
+    def _sync(self, cache):
+        self.host.sync(self.host.cache_state(cache))
 
-    def _sync(self, logits, cache):
-        if self.mlx:
-            self.mx.eval(logits, *[a for c in cache for a in c.state])
-        else:
-            targets.synchronize(self.backend)
-
-    def prefill(self, cache):
+    def prefill(self, cache) -> int:
         """Feed the prompt in one call; returns the first greedy token."""
-        logits = self._forward(self.prompt, cache)
-        nxt = self._argmax(logits)
-        self._sync(nxt, cache)
+        nxt = self.host.argmax(self.host.forward(self.m, self.ids, cache, last_only=True))
+        self._sync(cache)
         return nxt
 
-    def decode(self, cache, nxt, n: int) -> list:
-        """``n`` greedy steps, one token per call; returns the tokens (still on the device)."""
+    def decode(self, cache, nxt: int, n: int) -> list:
+        """``n`` greedy steps, one token per call; returns the tokens."""
         out = []
         for _ in range(n):
-            logits = self._forward(nxt, cache)
-            nxt = self._argmax(logits)
-            if self.mlx:
-                self.mx.eval(nxt)  # greedy decoding needs each token before the next step
+            nxt = self.host.argmax(self.host.forward(self.m, [nxt], cache, last_only=True))
             out.append(nxt)
-        self._sync(nxt, cache)
+        self._sync(cache)
         return out
 
     def warm(self, config) -> None:
@@ -333,75 +218,34 @@ class ModelRunner:
             cache = self.new_cache(cfg)
             self.decode(cache, self.prefill(cache), 2)
 
-    def _argmax(self, logits):
-        if self.mlx:
-            return self.mx.argmax(logits[:, -1], axis=-1).reshape(1, 1)
-        return logits[:, -1].argmax(-1).view(1, 1)
-
-    def tokens(self, out: list) -> list[int]:
-        return [int(t.item()) for t in out]
-
     def encoded_tokens(self, cache) -> int:
         """Tokens held as codes in the first compressed layer."""
-        if self.mlx:
-            return cache[0].store.encoded_tokens
-        return cache.compressed_layers()[0].store.encoded_tokens
+        return self.host.stores(cache)[0].encoded_tokens
 
 
-def _mlx_on_cpu() -> bool:
-    import mlx.core as mx
-
-    return "cpu" in str(mx.default_device()).lower()
-
-
-_GEMM: dict = {}
 # Reference BLAS measured 1-6 GFLOP/s here (load-dependent), OpenBLAS 40-90: 15 separates them.
 SLOW_GEMM_GFLOPS = 15.0
 
 
-def mlx_gemm_gflops() -> float:
-    """fp32 GEMM rate of mlx here, best of 3 (measured once per process).
-
-    The Linux ``mlx[cpu]`` wheel ships a reference BLAS (~1 GFLOP/s on a 2-core VM); with a system
-    OpenBLAS (``tq_core.blas`` loads it when present) it runs 40-170 GFLOP/s. Metal is faster still.
-    """
-    if "mlx" not in _GEMM:
-        import mlx.core as mx
-
-        a, w = mx.random.normal((256, 576)), mx.random.normal((576, 1536))
-        mx.eval(a, w, a @ w)
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            mx.eval(a @ w)
-            best = min(best, time.perf_counter() - t0)
-        _GEMM["mlx"] = 2 * 256 * 576 * 1536 / best / 1e9
-    return _GEMM["mlx"]
-
-
-def _prompt_ids(tokenizer, corpus, n: int) -> list[int]:
-    from tq_core.generation import hf_tokenizer  # mlx-lm wraps the HF tokenizer
-
-    ids = hf_tokenizer(tokenizer)(corpus.text[: n * 16])["input_ids"][:n]
-    if len(ids) < n:
-        raise ValueError(f"corpus gave {len(ids)} tokens, the speed suite needs {n}")
-    return list(ids)
-
-
-def test_model_tokens_per_s(backend, tier, request, corpus, real_spec, load_model, benchmark, record):
+def test_model_tokens_per_s(backend, host, tier, request, corpus, real_spec, load_model, benchmark, record,
+                            conditions):
     nightly = request.config.getoption("--tq-tier") == "nightly"
-    if backend == "mlx" and not nightly and _mlx_on_cpu():
+    if host.slow_cpu_backend and not nightly:
         # Linux CPU mlx: ~25 s of CPU even with OpenBLAS (minutes with the wheel's reference
-        # BLAS, see mlx_gemm_gflops); the default tier's budget keeps it to the codec and cache tests.
+        # BLAS, see Conditions.gemm_gflops); the default tier's budget keeps it to the codec and cache tests.
         pytest.skip("mlx on CPU: the real-model tokens/s run with --tq-tier nightly (default-tier time budget)")
-    if backend == "mlx" and (gflops := mlx_gemm_gflops()) < SLOW_GEMM_GFLOPS:
+    gflops = conditions.gemm_gflops(host)
+    if gflops is not None and gflops < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (the Linux wheel's reference BLAS): each "
                     f"{tier['prompt']}-token prefill takes minutes; {blas.HINT}")
-    model, tokenizer = load_model(backend)
-    runner = ModelRunner(backend, model, tokenizer, _prompt_ids(tokenizer, corpus, tier["prompt"]))
+    m = load_model(backend)
+    ids = host.tokenize(m, corpus.text[: tier["prompt"] * 16])[: tier["prompt"]]
+    if len(ids) < tier["prompt"]:
+        raise ValueError(f"corpus gave {len(ids)} tokens, the speed suite needs {tier['prompt']}")
+    runner = ModelRunner(host, m, ids)
     runner.warm(CONFIG)
     warm = tier["model_warmup"]
-    base_prefill, base_decode, tq_prefill = HandTimer(warm), HandTimer(warm), HandTimer(warm)
+    base_prefill, base_decode, tq_prefill = timing.HandTimer(warm), timing.HandTimer(warm), timing.HandTimer(warm)
     base_tokens: list = []
 
     rounds_done = [0]
@@ -438,11 +282,11 @@ def test_model_tokens_per_s(backend, tier, request, corpus, real_spec, load_mode
     total = len(runner.ids) + NEW_TOKENS
     gates.check_history_encoded(runner.encoded_tokens(cache), total, CONFIG)
     assert len(out) == len(base_tokens) == NEW_TOKENS
-    med = _median(benchmark)
+    med = timing.median(benchmark)
     if med is None:
         return
     labels = dict(model=real_spec.name, prompt=len(runner.ids), new_tokens=NEW_TOKENS,
-                  **_conditions(backend))
+                  **timing.conditions(host))
     tps = {
         ("prefill", "baseline"): len(runner.ids) / base_prefill.median,
         ("prefill", CONFIG.label): len(runner.ids) / tq_prefill.median,
@@ -458,105 +302,89 @@ def test_model_tokens_per_s(backend, tier, request, corpus, real_spec, load_mode
         record("speed_ratio", ratio, "x", phase=phase, config=CONFIG.label, **labels)
         benchmark.extra_info[f"{phase}_ratio"] = ratio
     # Greedy agreement of the last round (a fact about the run, not gated here).
-    match = float(np.mean([a == b for a, b in zip(runner.tokens(out), runner.tokens(base_tokens))]))
+    match = float(np.mean([a == b for a, b in zip(out, base_tokens)]))
     record("greedy_token_match", match, "fraction", config=CONFIG.label, **labels)
     benchmark.extra_info.update(labels, greedy_token_match=match)
-    _note_load(benchmark, record, backend)
+    timing.note_load(benchmark, record, host, gflops)
 
 
 # ---- cache-level decode at the llama3-8b geometry -----------------------------------------------
 class ShapeCaches:
-    """Baseline and compressed caches of ``layers`` layers of ``SHAPE``, with one decode step."""
+    """The uncompressed baseline (preallocated, ``timing.StaticKV``) and a compressed cache of
+    ``layers`` layers of ``SHAPE``, with one decode step each."""
 
-    def __init__(self, lib: Lib, layers: int):
-        self.lib, self.layers = lib, layers
+    def __init__(self, host, layers: int, capacity: int, batch: int = 1):
+        self.host, self.layers, self.batch = host, layers, batch
+        self.dtype = timing.speed_dtype(host)
         self.scale = SHAPE.head_dim ** -0.5
-        if lib.mlx:
-            from tq_core.integrations import mlx_lm
-
-            self.base = [mlx_lm.KVCache() for _ in range(layers)]
-            self.tq = [mlx_lm.TurboQuantMLXCache(CONFIG, i) for i in range(layers)]
-        else:
-            from tq_core.integrations import hf
-
-            self.base = hf._cu.DynamicCache()
-            self.tq = hf.TurboQuantCache(config=CONFIG)
-
-    def _update(self, cache, k, v, layer):
-        if self.lib.mlx:
-            return cache[layer].update_and_fetch(k, v)
-        return cache.update(k, v, layer)
-
-    def _state(self, cache):
-        return [a for c in cache for a in c.state] if self.lib.mlx else []
+        self.base = timing.StaticKV(host, layers, batch, SHAPE.kv_heads, SHAPE.head_dim, capacity, self.dtype)
+        self.tq = host.shape_cache(layers, CONFIG, reserve=capacity)
 
     def fill(self, context: int) -> None:
         """Write the same ``context`` tokens of random K/V into every layer of both caches."""
         h, d = SHAPE.kv_heads, SHAPE.head_dim
         for layer in range(self.layers):
-            k, v = self.lib.randn(1, h, context, d), self.lib.randn(1, h, context, d)
-            for cache in (self.base, self.tq):
-                self._update(cache, k, v, layer)
-            self.lib.done(*self._state(self.base), *self._state(self.tq))
+            k = self.host.randn((self.batch, h, context, d), self.dtype)
+            v = self.host.randn((self.batch, h, context, d), self.dtype)
+            self.base.fill(layer, k, v)
+            self.host.update(self.tq, layer, k, v)
+            self.host.sync(self.host.cache_state(self.tq))
 
     def step_inputs(self):
         """Random query (32 heads) and one new K/V token per layer, made before the clock starts."""
         h, d = SHAPE.kv_heads, SHAPE.head_dim
-        q = self.lib.randn(1, SHAPE.heads, 1, d)
-        kv = [(self.lib.randn(1, h, 1, d), self.lib.randn(1, h, 1, d)) for _ in range(self.layers)]
+        q = self.host.randn((self.batch, SHAPE.heads, 1, d), self.dtype)
+        kv = [(self.host.randn((self.batch, h, 1, d), self.dtype), self.host.randn((self.batch, h, 1, d), self.dtype))
+              for _ in range(self.layers)]
         return q, kv
 
-    def step(self, cache, q, kv):
-        """One decode step: per layer, store the new token and attend over what the cache returns."""
-        outs = []
-        for layer, (k, v) in enumerate(kv):
-            keys, values = self._update(cache, k, v, layer)
-            if self.lib.mlx:
-                o = self.lib.mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
-            else:
-                o = self.lib.torch.nn.functional.scaled_dot_product_attention(
-                    q, keys, values, scale=self.scale, enable_gqa=True)
-            outs.append(o)
-        self.lib.done(*outs, *self._state(cache))
+    def base_step(self, q, kv):
+        """One decode step of the baseline: per layer, write the token in place and attend (sdpa)."""
+        outs = [self.base.step(layer, q, k, v, self.scale) for layer, (k, v) in enumerate(kv)]
+        self.host.sync(outs)
+        return outs
+
+    def tq_step(self, q, kv):
+        """One decode step of the compressed cache: per layer, store the token and attend over the
+        codes (``View.attend``: the device's fused kernel where one exists)."""
+        stores = self.host.stores(self.tq)
+        outs = [stores[layer].update(k, v).attend(q, self.scale) for layer, (k, v) in enumerate(kv)]
+        self.host.sync(outs, self.host.cache_state(self.tq))
         return outs
 
     def encoded_tokens(self) -> int:
-        if self.lib.mlx:
-            return self.tq[0].store.encoded_tokens
-        return self.tq.compressed_layers()[0].store.encoded_tokens
+        return self.host.stores(self.tq)[0].encoded_tokens
 
     def lengths(self) -> tuple[int, int]:
-        if self.lib.mlx:
-            return self.base[0].offset, self.tq[0].offset
-        return self.base.get_seq_length(0), self.tq.get_seq_length(0)
+        return self.base.n[0], self.host.stores(self.tq)[0].length
 
 
-def test_cache_decode_tokens_per_s(backend, context, layers, tier, benchmark, record):
-    lib = Lib(backend)
-    caches = ShapeCaches(lib, layers)
+def test_cache_decode_tokens_per_s(backend, host, context, layers, tier, benchmark, record, conditions):
+    caches = ShapeCaches(host, layers, context + tier["shape_rounds"] + tier["shape_warmup"] + 1)
     caches.fill(context)
     warm = tier["shape_warmup"]
-    base = HandTimer(warm)
+    base = timing.HandTimer(warm)
 
     def setup():
         q, kv = caches.step_inputs()
         with base.round():  # interleaved baseline step, same inputs, same synchronization
-            caches.step(caches.base, q, kv)
-        return (caches.tq, q, kv), {}
+            caches.base_step(q, kv)
+        return (q, kv), {}
 
     benchmark.group = f"cache decode {SHAPE.name} {backend}"
-    outs = benchmark.pedantic(caches.step, setup=setup, rounds=tier["shape_rounds"], warmup_rounds=warm,
+    outs = benchmark.pedantic(caches.tq_step, setup=setup, rounds=tier["shape_rounds"], warmup_rounds=warm,
                               iterations=1)
-    steps = 1 if _median(benchmark) is None else tier["shape_rounds"] + warm
+    steps = 1 if timing.median(benchmark) is None else tier["shape_rounds"] + warm
     # Not timing checks: both caches hold every token, the compressed one as codes outside its
     # sinks and window, and attention read all of them (32 query heads).
     assert caches.lengths() == (context + steps, context + steps)
     gates.check_history_encoded(caches.encoded_tokens(), context + steps, CONFIG)
     assert len(outs) == layers and tuple(outs[0].shape) == (1, SHAPE.heads, 1, SHAPE.head_dim)
-    med = _median(benchmark)
+    med = timing.median(benchmark)
     if med is None:
         return
-    labels = dict(model=SHAPE.name, context=context, layers=layers, dtype=lib.dtype_name, **_conditions(backend))
+    labels = dict(model=SHAPE.name, context=context, layers=layers, dtype=timing.dtype_name(caches.dtype),
+                  **timing.conditions(host))
     tps = {"baseline": 1 / base.median, CONFIG.label: 1 / med}
     for cache_name, value in tps.items():
         gates.check_speed_rate(f"decode_tokens_per_s[{cache_name}]", value)
@@ -568,4 +396,4 @@ def test_cache_decode_tokens_per_s(backend, context, layers, tier, benchmark, re
     overhead_ms = (med - base.median) / layers * 1e3
     record("decode_overhead_ms_per_layer", overhead_ms, "ms", config=CONFIG.label, **labels)
     benchmark.extra_info.update(labels, decode_ratio=ratio, decode_overhead_ms_per_layer=overhead_ms)
-    _note_load(benchmark, record, backend)
+    timing.note_load(benchmark, record, host, conditions.gemm_gflops(host))

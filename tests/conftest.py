@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import pytest
 
-from fixtures import targets
+from harness import hosts
 
 CORPUS_TOKENS = 1100
 MLX_HINT = "mlx-lm not installed: pip install 'tq-core[mlx-cpu]'"
@@ -38,7 +38,7 @@ def hf_model():
     from tq_core import models
 
     _require_default_model()
-    with targets.torch_threads(int(os.environ.get("TQ_TEST_TORCH_THREADS", "1"))):
+    with hosts.get("torch-cpu").threads(int(os.environ.get("TQ_TEST_TORCH_THREADS", "1"))):
         yield models.load_hf()
 
 

@@ -1,26 +1,28 @@
-"""tq_core.blas: MLX on Linux CPU gets a system OpenBLAS, torch keeps its own BLAS."""
+"""harness.blas: MLX on Linux CPU gets a system OpenBLAS, torch keeps its own BLAS."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from tq_core import blas
+from harness import blas
 
 LINUX = sys.platform.startswith("linux")
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # harness/ is a folder of the repository, not installed
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**full, **env},
-                          timeout=120)
+                          cwd=ROOT, timeout=120)
 
 
 def _loaded_blas(path: str) -> str:
     """Prints the status, then whether ``path`` is mapped into the process."""
     real = os.path.realpath(path)
-    return ("import tq_core.blas as b; s = b.use_openblas(); "
+    return ("import harness.blas as b; s = b.use_openblas(); "
             f"print(s); print(any({real!r} in l for l in open('/proc/self/maps')))")
 
 
@@ -48,7 +50,7 @@ def test_off_keeps_the_wheel_blas():
 
 @pytest.mark.skipif(not LINUX, reason="the BLAS choice applies to Linux only")
 def test_bad_path_is_one_clear_error():
-    out = _run("import tq_core.blas as b; b.use_openblas()", TQ_MLX_BLAS="/nonexistent/libblas.so")
+    out = _run("import harness.blas as b; b.use_openblas()", TQ_MLX_BLAS="/nonexistent/libblas.so")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: TQ_MLX_BLAS='/nonexistent/libblas.so'") and "'off'" in last
@@ -57,6 +59,6 @@ def test_bad_path_is_one_clear_error():
 @pytest.mark.skipif(not LINUX, reason="the BLAS choice applies to Linux only")
 def test_too_late_once_mlx_is_imported():
     pytest.importorskip("mlx.core")
-    out = _run("import mlx.core, tq_core.blas as b; print(b.use_openblas())")
+    out = _run("import mlx.core, harness.blas as b; print(b.use_openblas())")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "mlx wheel default (mlx imported before tq_core.blas)"
+    assert out.stdout.strip() == "mlx wheel default (mlx imported before harness.blas)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reports import browser, render, runs, site, synthetic
+from reports import browser, render, runs, sample, site, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TQ_BROWSER_ARTIFACTS") or ROOT / "reports" / "results" / "_browser")
@@ -24,19 +24,24 @@ pytestmark = pytest.mark.skipif(browser.find() is None,
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """A report and a site from synthetic runs: two commits, a planted KLD regression, two targets."""
+    """The report of a real run of the suites (``reports.sample``, the same session-wide folder the
+    report tests use), and a report and a site from synthetic runs: every suite, two commits, a
+    planted KLD regression, two targets."""
     tmp = tmp_path_factory.mktemp("browser")
+    real = sample.run(tmp_path_factory.getbasetemp() / "real-results")
+    real_report = render.write(tmp / "real" / "index.html", render.page(runs.load(real)))
     res = tmp / "results"
     for n, (commit, scale) in enumerate([("a" * 40, 1.0), ("b" * 40, 1.5)], start=1):
         synthetic.write(res, commit=commit, started=f"2026-11-0{n}T02:00:00+00:00", seed=n, kld_scale=scale)
     synthetic.write(res, commit="a" * 40, started="2026-11-01T02:00:00+00:00", target="mlx")
     report = render.write(tmp / "report" / "index.html", render.page(runs.newest(res, "cpu")))
     built = {str(p.relative_to(tmp / "site")): p for p in site.build(res, tmp / "site")}
-    return {"report": report, **built}
+    return {"real": real_report, "report": report, **built}
 
 
 @pytest.mark.parametrize("name, min_svg", [
-    ("report", 10), ("index.html", 0), ("cpu/index.html", 5), ("cpu/latest.html", 10), ("mlx/index.html", 5)])
+    ("real", 4), ("report", 10), ("index.html", 0), ("cpu/index.html", 5), ("cpu/latest.html", 10),
+    ("mlx/index.html", 5)])
 def test_page_loads_clean_with_its_plots(pages, name, min_svg):
     shot = ARTIFACTS / f"{name.replace('/', '_').removesuffix('.html')}.png"
     c = browser.check(pages[name], shot, height=3000)

@@ -96,7 +96,7 @@ def _check_compare(r, backend):
     assert "Traceback" not in r.stderr
     out = r.stdout
     assert re.search(rf"^--- baseline \({backend}, uncompressed cache, [\d,]+ B\)$", out, re.M), out
-    assert re.search(rf"^--- K4V2\+s4w128 \({backend}, TurboQuant cache, [\d,]+ B\)$", out, re.M), out
+    assert re.search(rf"^--- K4V2\+s4w128 \({backend}, turboquant cache, [\d,]+ B\)$", out, re.M), out
     m = COMPARE_LINE.search(out)
     assert m, out
     rate, n = float(m.group(1)), int(m.group(2))
@@ -143,10 +143,21 @@ def test_prompt_ids_with_a_transformers_tokenizer():
     _default_model_or_skip()
     from transformers import AutoTokenizer
 
-    from tq_core import generation, models
+    from tq_core import greedy, models
 
     tok = AutoTokenizer.from_pretrained(str(models.ensure_local()))
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                    add_generation_prompt=True)
     expected = list(tok(text, add_special_tokens=False)["input_ids"])
-    assert generation.prompt_ids(tok, "Hi") == expected
+    assert greedy.prompt_ids(tok, "Hi") == (expected, "chat")
+
+
+@pytest.mark.model
+def test_run_with_a_config_label():
+    """--config takes any label, another method included; a bad label is one error line."""
+    _default_model_or_skip()
+    r = tq("run", "--max-new-tokens", "4", "--config", "uniform:K4V2+s0w0", timeout=MODEL_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[uniform:K4V2+s0w0 torch]" in r.stderr
+    r = tq("run", "--config", "K4V9")
+    assert r.returncode == 2 and r.stderr.splitlines() == ["tq: error: config label 'K4V9': bits_v must be an int in 1..8, got 9"]

@@ -1,5 +1,10 @@
 """TurboQuantCache inside transformers' own generate: packed history, bytes, patch/unpatch,
-sliding-window configs and beam search. Runs with transformers 5.17 and 5.24.
+attention over the codes, sliding-window configs and beam search. Runs with transformers 5.17 and 5.24.
+
+Two paths read a compressed layer: an unpatched model gets dense K/V from the cache (the history
+decoded: the reference path); ``tq_core.patch`` switches the model to the registered attention
+function ``"tq"``, which attends over what the layer holds without decoding it (the fast path).
+The two must give the same greedy tokens and logits to float32 rounding.
 
 SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, fp32 weights. K4/V2 packs a K vector into
 64*4/8 = 32 bytes and a V vector into 16, plus one fp16 norm each: 52 bytes per token per KV head,
@@ -15,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import tq_core  # noqa: E402
 from tq_core import CacheConfig  # noqa: E402
+from tq_core import kvstore  # noqa: E402
 from tq_core.integrations import hf  # noqa: E402
 from tq_core.integrations.patch import patched_config  # noqa: E402
 
@@ -53,6 +59,11 @@ def _float_tensors(obj):
 
 def _is_class_generate(model) -> bool:
     return "generate" not in vars(model) and model.generate.__func__ is type(model).generate
+
+
+def _hist(store, kind: str = "k") -> dict:
+    """The held history fields of a layer store, (B, H, n, ...) each."""
+    return getattr(store, "hist_" + kind).parts()
 
 
 @pytest.fixture(autouse=True)
@@ -95,11 +106,13 @@ def test_generate_holds_history_packed(hf_model):
         s = layer.store
         assert s.length == held
         assert s.encoded_tokens == encoded
-        for enc, nbytes in ((s.hist_k, K4_BYTES), (s.hist_v, V2_BYTES)):
-            assert enc.codes.dtype == torch.uint8
-            assert tuple(enc.codes.shape) == (1, KV_HEADS, encoded, nbytes)
-            assert enc.norms.dtype == torch.float16
-            assert tuple(enc.norms.shape) == (1, KV_HEADS, encoded)
+        for kind, nbytes in (("k", K4_BYTES), ("v", V2_BYTES)):
+            enc = _hist(s, kind)
+            assert set(enc) == {"codes", "norms"}
+            assert enc["codes"].dtype == torch.uint8
+            assert tuple(enc["codes"].shape) == (1, KV_HEADS, encoded, nbytes)
+            assert enc["norms"].dtype == torch.float16
+            assert tuple(enc["norms"].shape) == (1, KV_HEADS, encoded)
         # Full precision only for the sinks and the window; transformers' keys/values stay empty.
         assert layer.keys.numel() == 0 and layer.values.numel() == 0
         assert set(_float_tensors(s)) == {"sink_k", "sink_v", "win_k", "win_v"}
@@ -112,7 +125,11 @@ def test_generate_holds_history_packed(hf_model):
     parts = cache.nbytes()
     assert parts["codes"] == LAYERS * KV_HEADS * encoded * (K4_BYTES + V2_BYTES)
     assert parts["norms"] == LAYERS * KV_HEADS * encoded * 2 * NORM_BYTES
-    assert parts["uncompressed_layers"] == 0
+    assert parts["uncompressed"] == parts["other"] == 0
+    # no reservation: the history grew by blocks; what it has not filled yet is counted as spare
+    capacity = cache.layers[0].store.hist_k.capacity
+    assert capacity % kvstore.BLOCK == 0 and capacity >= encoded
+    assert parts["spare"] == LAYERS * KV_HEADS * (capacity - encoded) * PER_TOKEN_HEAD
 
 
 # ------------------------------------------------------------------ bytes
@@ -145,6 +162,7 @@ def prefill_1024(hf_model, corpus_ids):
 
 
 def test_bytes_vs_fp16_dynamic_cache(prefill_1024, record_property):
+    assert prefill_1024["tq_1024"]["spare"] == 0  # 1024 encoded tokens fill whole blocks exactly
     dyn = prefill_1024["dyn"]
     assert dyn.get_seq_length() == 1024
     numel = 0
@@ -163,12 +181,19 @@ def test_bytes_vs_fp16_dynamic_cache(prefill_1024, record_property):
 
 
 def test_bytes_per_token_per_head(prefill_1024, record_property):
+    """Per token per KV head the history holds 52 B; the preallocated capacity it has not filled
+    (``spare``) is counted apart: 0 at 1024 tokens (whole blocks), under one growth step at 1088."""
     b1024, b1088 = prefill_1024["tq_1024"], prefill_1024["tq_1088"]
     for parts in (b1024, b1088):
-        assert parts["sinks"] == parts["window"] == parts["uncompressed_layers"] == 0
-    slope = (b1088["total"] - b1024["total"]) / (64 * LAYERS * KV_HEADS)
-    mean = b1024["total"] / (1024 * LAYERS * KV_HEADS)
-    constant = b1024["total"] - PER_TOKEN_HEAD * 1024 * LAYERS * KV_HEADS
+        assert parts["sinks"] == parts["window"] == parts["uncompressed"] == parts["other"] == 0
+    held = {n: parts["total"] - parts["spare"] for n, parts in ((1024, b1024), (1088, b1088))}
+    assert b1024["spare"] == 0
+    capacity = prefill_1024["tq"].layers[0].store.hist_k.capacity
+    assert capacity % kvstore.BLOCK == 0 and 1088 <= capacity < 1088 + kvstore.BLOCK + 1024 // kvstore.GROWTH
+    assert b1088["spare"] == (capacity - 1088) * PER_TOKEN_HEAD * LAYERS * KV_HEADS
+    slope = (held[1088] - held[1024]) / (64 * LAYERS * KV_HEADS)
+    mean = held[1024] / (1024 * LAYERS * KV_HEADS)
+    constant = held[1024] - PER_TOKEN_HEAD * 1024 * LAYERS * KV_HEADS
     record_property("bytes_per_token_head", mean)
     print(f"\nbytes/token/KV head: mean {mean:.3f}, slope {slope:.3f}, constant {constant} B")
     assert slope == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
@@ -183,8 +208,8 @@ def test_bytes_per_token_per_head(prefill_1024, record_property):
 def test_bytes_sinks_and_window_counted(hf_model, corpus_ids):
     model, _ = hf_model
     cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=32)
-    cache = hf.TurboQuantCache(model.config, config=cfg)
     n = 128
+    cache = hf.TurboQuantCache(model.config, config=cfg, reserve=n)  # reserved: no spare once n are held
     _forward(model, corpus_ids[:n], cache)
     parts = cache.nbytes()
     fp32_kv_token = LAYERS * KV_HEADS * HEAD_DIM * 4 * 2  # K and V, all layers
@@ -192,6 +217,7 @@ def test_bytes_sinks_and_window_counted(hf_model, corpus_ids):
     assert parts["window"] == 32 * fp32_kv_token
     encoded = n - 4 - 32
     assert parts["codes"] + parts["norms"] == LAYERS * KV_HEADS * encoded * PER_TOKEN_HEAD
+    assert parts["spare"] == parts["other"] == parts["uncompressed"] == 0
     assert parts["total"] == parts["codes"] + parts["norms"] + parts["sinks"] + parts["window"]
     assert hf.cache_nbytes(cache) == parts["total"]
     for layer in cache.layers:
@@ -207,6 +233,36 @@ def never_patched_40(hf_model):
     model, tokenizer = hf_model
     assert patched_config(model) is None and _is_class_generate(model)
     return _greedy(model, tokenizer, _prompt(tokenizer), 40)
+
+
+def _prompt_logits(model, tokenizer):
+    """All logits of the prompt through transformers' own DynamicCache."""
+    with torch.no_grad():
+        return model(**_prompt(tokenizer), use_cache=True,
+                     **{hf.cache_kwarg(model): hf.dynamic_cache(model)}).logits
+
+
+@pytest.fixture(scope="module")
+def never_patched_state(hf_model):
+    """The attention implementation and prompt logits of the model before any patching here."""
+    model, tokenizer = hf_model
+    assert patched_config(model) is None and _is_class_generate(model)
+    return {"attn": model.config._attn_implementation, "logits": _prompt_logits(model, tokenizer)}
+
+
+@pytest.fixture
+def view_spy(monkeypatch):
+    """Counts ``View.attend`` (attention over the codes) and ``View.dense`` (the decoded reference)."""
+    calls = {"attend": 0, "dense": 0}
+    for name in calls:
+        original = getattr(kvstore.View, name)
+
+        def wrapper(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kvstore.View, name, wrapper)
+    return calls
 
 
 @pytest.fixture
@@ -230,6 +286,7 @@ def test_patch_makes_plain_generate_compress(hf_model, never_patched_40, update_
     try:
         assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2)
         assert "generate" in vars(model)
+        assert model.config._attn_implementation == hf.ATTENTION == "tq"
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert update_spy, "patched generate never called TurboQuantCache.update"
@@ -255,14 +312,20 @@ def test_patch_makes_plain_generate_compress(hf_model, never_patched_40, update_
     assert _is_class_generate(model)
 
 
-def test_unpatch_restores_output(hf_model, never_patched_40, update_spy):
+def test_unpatch_restores_output(hf_model, never_patched_40, never_patched_state, update_spy, view_spy):
     model, tokenizer = hf_model
     tq_core.patch(model, bits_k=4, bits_v=2)
+    _greedy(model, tokenizer, _prompt(tokenizer), 2)  # the patched model really ran (over the codes)
+    assert update_spy and view_spy["attend"] == 2 * LAYERS
+    update_spy.clear()
     assert tq_core.unpatch(model) is model
     assert _is_class_generate(model)
     assert patched_config(model) is None
+    assert model.config._attn_implementation == never_patched_state["attn"]
     assert _greedy(model, tokenizer, _prompt(tokenizer), 40) == never_patched_40
+    assert torch.equal(_prompt_logits(model, tokenizer), never_patched_state["logits"])  # byte-identical
     assert not update_spy
+    assert view_spy["attend"] == 2 * LAYERS  # nothing more read through a compressed layer
 
 
 def test_patch_twice_unpatch_once(hf_model):
@@ -277,6 +340,7 @@ def test_patch_twice_unpatch_once(hf_model):
         tq_core.unpatch(model)
     assert patched_config(model) is None
     assert _is_class_generate(model)
+    assert model.config._attn_implementation != hf.ATTENTION  # the original, not the first patch's "tq"
 
 
 def test_unpatch_unpatched_is_noop(hf_model):
@@ -303,6 +367,169 @@ def test_patch_bad_bits_leaves_model_unpatched(hf_model):
     finally:
         tq_core.unpatch(model)
     assert _is_class_generate(model)
+
+
+def test_patch_by_label(hf_model, update_spy):
+    model, tokenizer = hf_model
+    assert tq_core.patch(model, config="K4V2+s0w0") is model
+    try:
+        assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2, sinks=0, window=0)
+        _greedy(model, tokenizer, _prompt(tokenizer), 2)
+        assert {c.tq_config.label for c in update_spy} == {"K4V2+s0w0"}
+        # a CacheConfig, or another label, replaces it
+        tq_core.patch(model, config=CacheConfig.parse("uniform:K4V4+s2w8"))
+        assert patched_config(model).label == "uniform:K4V4+s2w8"
+        tq_core.patch(model, config="K3V2+s4w128+nc=0")
+        assert patched_config(model) == CacheConfig(bits_k=3, norm_correction=False)
+    finally:
+        tq_core.unpatch(model)
+    assert patched_config(model) is None and _is_class_generate(model)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    ({"config": "K4V9"}, ValueError, "bits_v"),
+    ({"config": "K4V2+g=8"}, ValueError, "unknown option g"),
+    ({"config": "nope"}, ValueError, "is not of the form"),
+    ({"config": 42}, TypeError, "config must be a CacheConfig or its label"),
+    ({"config": "K4V2+s0w0", "window": 8}, TypeError, "not both"),
+    ({"config": "K4V2+s0w0", "bits_k": 3}, TypeError, "not both"),
+])
+def test_patch_bad_config_leaves_model_unpatched(hf_model, kwargs, exc, words):
+    model, _ = hf_model
+    with pytest.raises(exc, match=words):
+        tq_core.patch(model, **kwargs)
+    assert patched_config(model) is None and _is_class_generate(model)
+    assert model.config._attn_implementation != hf.ATTENTION
+
+
+# ------------------------------------------------------------------ attention over the codes
+
+
+def test_cache_returns_dense_unless_patched(hf_model):
+    model, _ = hf_model
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=4)
+    k = torch.randn(1, KV_HEADS, 10, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(1, KV_HEADS, 10, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    # unpatched: what any attention function reads, the history decoded
+    cache = hf.TurboQuantCache(model.config, config=cfg)
+    keys, values = cache.update(k[:, :, :7], v[:, :, :7], 0)
+    assert torch.equal(keys, k[:, :, :7]) and not hasattr(keys, hf._VIEW)
+    keys, values = cache.update(k[:, :, 7:], v[:, :, 7:], 0)
+    dense = keys
+    assert keys.shape == values.shape == (1, KV_HEADS, 10, HEAD_DIM) and not hasattr(keys, hf._VIEW)
+    assert torch.equal(keys[:, :, :2], k[:, :, :2]) and torch.equal(keys[:, :, 3:], k[:, :, 3:])
+    assert not torch.equal(keys[:, :, 2], k[:, :, 2])  # token 2 left the window: decoded
+    tq_core.patch(model, config=cfg)
+    try:
+        # patched: the call's own K/V, carrying the layer's View for the "tq" attention function
+        fast = hf.TurboQuantCache(model.config, config=cfg)
+        fast.update(k[:, :, :7], v[:, :, :7], 0)
+        keys, values = fast.update(k[:, :, 7:], v[:, :, 7:], 0)
+        assert torch.equal(keys, k[:, :, 7:]) and values is not None and torch.equal(values, v[:, :, 7:])
+        view = getattr(keys, hf._VIEW)
+        assert isinstance(view, kvstore.View) and view.history == 1
+        assert not hasattr(k, hf._VIEW)  # the caller's tensor is left untouched
+        # the same codes as the unpatched cache holds; decoded, what the unpatched cache returned
+        assert torch.equal(fast.layers[0].store.hist_k.parts()["codes"], cache.layers[0].store.hist_k.parts()["codes"])
+        torch.testing.assert_close(view.dense(k.dtype, v.dtype)[0], dense, rtol=0, atol=1e-6)
+        # a cache made without a model config cannot know the attention in use: always dense
+        lazy = hf.TurboQuantCache(config=cfg)
+        keys, _ = lazy.update(k, v, 0)
+        assert keys.shape[2] == 10 and not hasattr(keys, hf._VIEW)
+        # nor does a simulated cache (every K/V as stored, this call's too)
+        sim = hf.TurboQuantCache(model.config, config=cfg, simulate=True)
+        keys, _ = sim.update(k, v, 0)
+        assert keys.shape[2] == 10 and not hasattr(keys, hf._VIEW)
+    finally:
+        tq_core.unpatch(model)
+    keys, _ = fast.update(k[:, :, :1], v[:, :, :1], 0)  # the same cache, after unpatch: dense again
+    assert keys.shape[2] == 11 and not hasattr(keys, hf._VIEW)
+
+
+def test_patch_registers_and_selects_tq_attention(hf_model, never_patched_state):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, _ = hf_model
+    tq_core.patch(model, config="K4V2+s0w0")
+    try:
+        assert model.config._attn_implementation == "tq"
+        assert ALL_ATTENTION_FUNCTIONS["tq"] is hf.attention
+        assert "tq" in ALL_MASK_ATTENTION_FUNCTIONS
+    finally:
+        tq_core.unpatch(model)
+    assert model.config._attn_implementation == never_patched_state["attn"]
+
+
+N_FAST = 32
+# Generation runs free: each path computes its own K/V and encodes it, so a float32 difference
+# between the paths can flip a code that the other path does not flip. TurboQuant codes flip only
+# within ~1e-7 of a boundary (measured: 0 of 120960 code bytes differ after 32 tokens). Uniform
+# codes also move with the fp16 rounding of each vector's scale and min (~1e-3 apart): measured,
+# uniform:K4V2+s0w0 flips codes from layer 3 on within 8 steps and its greedy tokens part at
+# step 8 (top-2 margin 0.16). So uniform's attention over the codes is held to the reference on
+# shared codes (the logits test below), and greedy equality is asserted for TurboQuant.
+GEN_LABELS = ["K4V2+s0w0", "K3V2+s4w8"]
+FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0"]
+
+
+@pytest.mark.parametrize("label", GEN_LABELS)
+def test_patched_generation_matches_reference_path(hf_model, label, view_spy, record_property):
+    """Greedy tokens over the codes (patched) == through the same compressed cache decoded (unpatched)."""
+    model, tokenizer = hf_model
+    cfg = CacheConfig.parse(label)
+    inputs = _prompt(tokenizer)
+    ref_cache = hf.make_cache(model, cfg)
+    reference = _greedy(model, tokenizer, inputs, N_FAST, **{hf.cache_kwarg(model): ref_cache})
+    assert view_spy == {"attend": 0, "dense": N_FAST * LAYERS}  # the unpatched model read dense K/V
+    tq_core.patch(model, config=cfg)
+    try:
+        cache = hf.make_cache(model, cfg)
+        fast = _greedy(model, tokenizer, inputs, N_FAST, **{hf.cache_kwarg(model): cache})
+    finally:
+        tq_core.unpatch(model)
+    # every layer of every step attended over the codes, none decoded its history
+    assert view_spy == {"attend": N_FAST * LAYERS, "dense": N_FAST * LAYERS}
+    assert cache.layers[0].store.encoded_tokens == inputs["input_ids"].shape[1] + N_FAST - 1 - cfg.full_precision
+    record_property("fast_vs_reference_match", sum(a == b for a, b in zip(fast, reference)) / N_FAST)
+    assert fast == reference, (tokenizer.decode(fast), tokenizer.decode(reference))
+
+
+@pytest.mark.parametrize("label", FAST_LABELS)
+def test_patched_prefill_logits_match_reference_path(hf_model, corpus_ids, label, view_spy, record_property):
+    """Prefill logits over the codes (patched) vs decoded (unpatched), within 1e-3 (logits ~40):
+    a first chunk (its own tokens, no history), then a second chunk attending to the first as stored,
+    both paths reading the very same codes (measured: 9.3e-05 and 5.3e-05)."""
+    model, _ = hf_model
+    cfg = CacheConfig.parse(label)
+    kwarg = hf.cache_kwarg(model)
+
+    def forward(cache, ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids]), use_cache=True, **{kwarg: cache}).logits[0]
+
+    first, second = corpus_ids[:96], corpus_ids[96:160]
+    ref_cache, fast_cache = hf.make_cache(model, cfg), hf.make_cache(model, cfg)
+    ref_first = forward(ref_cache, first)
+    assert torch.equal(forward(fast_cache, first), ref_first)  # the same path twice: the same codes
+    assert view_spy["attend"] == 0
+    tq_core.patch(model, config=cfg)
+    try:
+        fast_first = forward(hf.make_cache(model, cfg), first)
+        fast_second = forward(fast_cache, second)
+    finally:
+        tq_core.unpatch(model)
+    assert view_spy["attend"] == 2 * LAYERS
+    assert fast_cache.layers[0].store.encoded_tokens == 160 - cfg.full_precision
+    ref_second = forward(ref_cache, second)
+    worst = {"first": float((fast_first - ref_first).abs().max()),
+             "second": float((fast_second - ref_second).abs().max())}
+    record_property("max_abs_logit_diff", max(worst.values()))
+    assert max(worst.values()) < 1e-3, worst
+    # and the second chunk really read a compressed history: it differs from the uncompressed model
+    dyn = hf.dynamic_cache(model)
+    forward(dyn, first)
+    assert float((forward(dyn, second) - ref_second).abs().max()) > 1e-2
 
 
 # ------------------------------------------------------------------ sliding-window configs
@@ -342,12 +569,12 @@ def test_sliding_window_model(tiny_gemma3):
     held = 20 + 10 - 1
     assert [layer.store.encoded_tokens for layer in cache.compressed_layers()] == [held - 4] * 2
     for i in (1, 3):
-        assert cache.layers[i].store.hist_k.codes.dtype == torch.uint8
+        assert _hist(cache.layers[i].store)["codes"].dtype == torch.uint8
         assert cache.layers[i].keys.numel() == 0
     for i in (0, 2):  # transformers' own sliding layers keep sliding_window - 1 tokens
         assert cache.layers[i].keys.shape[-2] == 8 - 1
     parts = cache.nbytes()
-    assert parts["uncompressed_layers"] == 2 * 2 * (2 * 7 * 32 * 4)  # layers * (K,V) * heads*tokens*dim*fp32
+    assert parts["uncompressed"] == 2 * 2 * (2 * 7 * 32 * 4)  # layers * (K,V) * heads*tokens*dim*fp32
     assert parts["window"] == 2 * 2 * (2 * 4 * 32 * 4)
 
     # With everything inside the full-precision window the cache must reproduce DynamicCache exactly:
@@ -357,7 +584,7 @@ def test_sliding_window_model(tiny_gemma3):
     assert _tiny_generate(model, 10, **{kwarg: wide}) == baseline
 
 
-def test_patch_sliding_window_model(tiny_gemma3, update_spy):
+def test_patch_sliding_window_model(tiny_gemma3, update_spy, view_spy):
     tq_core.patch(tiny_gemma3, bits_k=4, bits_v=2, sinks=0, window=0)
     try:
         assert len(_tiny_generate(tiny_gemma3, 4)) == 4
@@ -366,6 +593,21 @@ def test_patch_sliding_window_model(tiny_gemma3, update_spy):
     cache = update_spy[0]
     assert [layer.layer_idx for layer in cache.compressed_layers()] == [1, 3]
     assert "generate" not in vars(tiny_gemma3)
+    assert view_spy["attend"] == 2 * 4  # the two full-attention layers, over the codes, every step
+
+
+def test_patched_sliding_window_model_matches_reference_path(tiny_gemma3, view_spy):
+    """GQA (4 query heads on 2 KV heads), Gemma's own scaling, sliding layers left to sdpa."""
+    model, kwarg = tiny_gemma3, hf.cache_kwarg(tiny_gemma3)
+    cfg = CacheConfig(bits_k=3, bits_v=2, sinks=2, window=4)
+    reference = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
+    tq_core.patch(model, config=cfg)
+    try:
+        fast = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
+    finally:
+        tq_core.unpatch(model)
+    assert view_spy["attend"] == 2 * 12
+    assert fast == reference
 
 
 # ------------------------------------------------------------------ beam search
@@ -388,8 +630,8 @@ def test_beam_search_reorders_compressed_cache(hf_model, monkeypatch):
     assert tokenizer.decode(new, skip_special_tokens=True).strip()
     assert reorders, "transformers did not reorder the cache during beam search"
     for layer in cache.layers:
-        assert layer.store.hist_k.codes.shape[0] == 2  # one row per beam
-        assert layer.store.hist_k.codes.dtype == torch.uint8
+        assert _hist(layer.store)["codes"].shape[0] == 2  # one row per beam
+        assert _hist(layer.store)["codes"].dtype == torch.uint8
 
 
 def test_reorder_cache_on_filled_cache(hf_model, corpus_ids):
@@ -401,7 +643,7 @@ def test_reorder_cache_on_filled_cache(hf_model, corpus_ids):
 
     def rows(layer):
         s = layer.store
-        return [x.clone() for x in (s.sink_k, s.win_v, s.hist_k.codes, s.hist_v.norms)]
+        return [x.clone() for x in (s.sink_k, s.win_v, _hist(s, "k")["codes"], _hist(s, "v")["norms"])]
 
     before = [rows(layer) for layer in cache.layers]
     cache.reorder_cache(torch.tensor([1, 0]))

@@ -1,5 +1,10 @@
 """TurboQuantMLXCache inside mlx-lm's own generate / stream_generate: packed codes, patch/unpatch,
-no ``bits`` attribute, agreement with the torch backend, bytes.
+attention over the codes, no ``bits`` attribute, agreement with the torch backend, bytes.
+
+An unpatched model gets dense K/V from the cache (the history decoded: the reference path);
+``tq_core.patch`` wraps the ``scaled_dot_product_attention`` of the model's module, which then
+attends over what each compressed layer holds (``View.attend``: the fast path). Both must give the
+same greedy tokens and logits to float32 rounding.
 
 The mlx[cpu] wheel computes matmuls with a slow reference BLAS (~0.15 s of CPU per generated
 token for SmolLM2-135M, ~130 s for a 1024-token forward pass), so prompts are a few tokens, few
@@ -15,8 +20,15 @@ HINT = "mlx-lm not installed: pip install 'tq-core[mlx-cpu]'"
 mx = pytest.importorskip("mlx.core", reason=HINT)
 mlx_lm = pytest.importorskip("mlx_lm", reason=HINT)
 
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 import tq_core  # noqa: E402
-from tq_core import CacheConfig, generation  # noqa: E402
+from harness import generation, hosts  # noqa: E402
+from harness.identity import geometry  # noqa: E402
+from tq_core import CacheConfig, kvstore  # noqa: E402
+from tq_core.greedy import hf_tokenizer, prompt_ids  # noqa: E402
 from tq_core.integrations import mlx_lm as tqm  # noqa: E402
 from tq_core.integrations.patch import patched_config  # noqa: E402
 
@@ -43,7 +55,17 @@ def _hf_tokenizer(tokenizer):
 @pytest.fixture(scope="module")
 def prompt(mlx_model) -> list[int]:
     _, tokenizer = mlx_model
-    return generation.prompt_ids(tokenizer, PROMPT, chat=False)
+    ids, fmt = prompt_ids(hf_tokenizer(tokenizer), PROMPT, chat=False)
+    assert fmt == "plain"
+    return ids
+
+
+def test_prompt_ids_of_the_mlx_tokenizer(mlx_model, prompt):
+    """mlx-lm hands users a ``TokenizerWrapper``: prompt ids from it are the HF tokenizer's (as the
+    old ``generation.prompt_ids`` gave them), for plain text and the chat template."""
+    _, tokenizer = mlx_model
+    assert prompt_ids(tokenizer, PROMPT, chat=False) == (prompt, "plain")
+    assert prompt_ids(tokenizer, PROMPT) == prompt_ids(hf_tokenizer(tokenizer), PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +85,25 @@ def _never_left_patched(mlx_model):
     if patched_config(model) is not None:
         tq_core.unpatch(model)
         pytest.fail("test left the shared model patched")
+
+
+@pytest.fixture
+def view_spy(monkeypatch):
+    """Counts ``View.attend`` (attention over the codes) and ``View.dense`` (the decoded reference)."""
+    calls = {"attend": 0, "dense": 0}
+    for name in calls:
+        original = getattr(kvstore.View, name)
+
+        def wrapper(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kvstore.View, name, wrapper)
+    return calls
+
+
+def _module(model):
+    return sys.modules[type(model).__module__]
 
 
 @pytest.fixture
@@ -87,11 +128,13 @@ def _check_packed(cache, held, cfg):
         s = c.store
         assert s.length == c.offset == held
         assert s.encoded_tokens == encoded
-        for enc, nbytes in ((s.hist_k, K4_BYTES), (s.hist_v, V2_BYTES)):
-            assert enc.codes.dtype == mx.uint8
-            assert tuple(enc.codes.shape) == (1, KV_HEADS, encoded, nbytes)
-            assert enc.norms.dtype == mx.float16
-            assert tuple(enc.norms.shape) == (1, KV_HEADS, encoded)
+        for hist, nbytes in ((s.hist_k, K4_BYTES), (s.hist_v, V2_BYTES)):
+            enc = hist.parts()
+            assert set(enc) == {"codes", "norms"}
+            assert enc["codes"].dtype == mx.uint8
+            assert tuple(enc["codes"].shape) == (1, KV_HEADS, encoded, nbytes)
+            assert enc["norms"].dtype == mx.float16
+            assert tuple(enc["norms"].shape) == (1, KV_HEADS, encoded)
         held_fp = [a for a in (s.sink_k, s.sink_v, s.win_k, s.win_v) if a is not None]
         assert sum(a.shape[2] for a in held_fp) == 2 * (cfg.sinks + cfg.window)
 
@@ -136,6 +179,7 @@ def test_patch_makes_plain_generate_compress(mlx_model, prompt, mlx_baseline, up
     try:
         assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2)
         assert "make_cache" in vars(model)
+        assert tqm._installed(_module(model))  # the module's attention is wrapped
         text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=3)
         assert text.strip()
         first = {id(c) for c in update_spy}  # the spy keeps the caches alive: ids stay unique
@@ -154,14 +198,35 @@ def test_patch_makes_plain_generate_compress(mlx_model, prompt, mlx_baseline, up
     assert "make_cache" not in vars(model)
 
 
-def test_unpatch_restores_output(mlx_model, prompt, mlx_baseline, update_spy):
+def _prompt_logits(model, ids) -> np.ndarray:
+    """All logits of ``ids`` through mlx-lm's own KVCache."""
+    logits = model(mx.array([ids]), cache=tqm.baseline_cache(model))
+    return np.array(logits.astype(mx.float32))
+
+
+@pytest.fixture(scope="module")
+def never_patched_state(mlx_model, prompt):
+    """The module's attention function and the prompt logits before any patching here."""
+    model, _ = mlx_model
+    assert patched_config(model) is None and not tqm._installed(_module(model))
+    return {"sdpa": _module(model).scaled_dot_product_attention, "logits": _prompt_logits(model, prompt)}
+
+
+def test_unpatch_restores_output(mlx_model, prompt, mlx_baseline, never_patched_state, update_spy, view_spy):
     model, tokenizer = mlx_model
     tq_core.patch(model, bits_k=4, bits_v=2)
+    _tokens(model, tokenizer, prompt, 2)  # the patched model really ran (over the codes)
+    assert update_spy and view_spy["attend"] > 0
+    update_spy.clear()
+    attended = view_spy["attend"]
     assert tq_core.unpatch(model) is model
     assert patched_config(model) is None
     assert "make_cache" not in vars(model)
+    assert _module(model).scaled_dot_product_attention is never_patched_state["sdpa"]
     assert _tokens(model, tokenizer, prompt, 8) == mlx_baseline[:8]
+    np.testing.assert_array_equal(_prompt_logits(model, prompt), never_patched_state["logits"])  # byte-identical
     assert not update_spy
+    assert view_spy["attend"] == attended
 
 
 def test_patch_twice_unpatch_once_and_bad_bits(mlx_model):
@@ -179,10 +244,169 @@ def test_patch_twice_unpatch_once_and_bad_bits(mlx_model):
     finally:
         tq_core.unpatch(model)
     assert patched_config(model) is None and "make_cache" not in vars(model)
+    assert not tqm._installed(_module(model))  # patched twice, unpatched once: the original is back
     assert all(type(c) is KVCache for c in make_prompt_cache(model))
     before = dict(vars(model))
     assert tq_core.unpatch(model) is model  # unpatching an unpatched model: no-op
     assert vars(model) == before
+
+
+def test_patch_wraps_module_attention(mlx_model, never_patched_state):
+    model, _ = mlx_model
+    module = _module(model)
+    original = never_patched_state["sdpa"]
+    assert module.scaled_dot_product_attention is original
+    tq_core.patch(model, config="K4V2+s0w0")
+    try:
+        wrapper = module.scaled_dot_product_attention
+        assert wrapper is not original and getattr(wrapper, tqm._WRAPPED) is original
+        # other caches pass through the wrapper to the original: mlx-lm's own cache reads as before
+        np.testing.assert_array_equal(_prompt_logits(model, [1, 2, 3, 4]),
+                                      _prompt_logits_unpatched(model, [1, 2, 3, 4], original))
+    finally:
+        tq_core.unpatch(model)
+    assert module.scaled_dot_product_attention is original
+
+
+def _prompt_logits_unpatched(model, ids, original):
+    """Logits with the module's original attention, whatever is installed now."""
+    module = _module(model)
+    installed = module.scaled_dot_product_attention
+    module.scaled_dot_product_attention = original
+    try:
+        return _prompt_logits(model, ids)
+    finally:
+        module.scaled_dot_product_attention = installed
+
+
+def test_patch_by_label(mlx_model):
+    model, _ = mlx_model
+    from mlx_lm.models.cache import make_prompt_cache
+
+    assert tq_core.patch(model, config="K4V2+s0w0") is model
+    try:
+        assert patched_config(model) == CacheConfig(bits_k=4, bits_v=2, sinks=0, window=0)
+        assert {c.tq_config.label for c in make_prompt_cache(model)} == {"K4V2+s0w0"}
+        tq_core.patch(model, config=CacheConfig.parse("uniform:K4V4+s2w8"))
+        assert {c.tq_config.label for c in make_prompt_cache(model)} == {"uniform:K4V4+s2w8"}
+    finally:
+        tq_core.unpatch(model)
+    assert patched_config(model) is None and not tqm._installed(_module(model))
+    with pytest.raises(ValueError, match="bits_v"):
+        tq_core.patch(model, config="K4V9")
+    with pytest.raises(TypeError, match="not both"):
+        tq_core.patch(model, config="K4V2", window=8)
+    assert patched_config(model) is None and "make_cache" not in vars(model)
+    assert not tqm._installed(_module(model))
+
+
+# ------------------------------------------------------------------ attention over the codes
+
+
+def test_cache_returns_dense_unless_patched(mlx_model):
+    model, _ = mlx_model
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=4)
+    k = mx.random.normal((1, KV_HEADS, 10, HEAD_DIM), key=mx.random.key(0))
+    v = mx.random.normal((1, KV_HEADS, 10, HEAD_DIM), key=mx.random.key(1))
+    c = tqm.make_cache(model, cfg)[0]
+    c.update_and_fetch(k[:, :, :7], v[:, :, :7])
+    keys, values = c.update_and_fetch(k[:, :, 7:], v[:, :, 7:])
+    assert keys.shape == values.shape == (1, KV_HEADS, 10, HEAD_DIM) and c.view is None
+    dense = np.array(keys)
+    np.testing.assert_array_equal(dense[:, :, 3:], np.array(k[:, :, 3:]))
+    assert np.any(dense[:, :, 2] != np.array(k[:, :, 2]))  # token 2 left the window: decoded
+    tq_core.patch(model, config=cfg)
+    try:
+        fast = tqm.make_cache(model, cfg)[0]
+        assert fast.fast and not c.store.simulate
+        fast.update_and_fetch(k[:, :, :7], v[:, :, :7])
+        keys, values = fast.update_and_fetch(k[:, :, 7:], v[:, :, 7:])
+        # the call's own K/V; the layer's View waits for the wrapped attention
+        np.testing.assert_array_equal(np.array(keys), np.array(k[:, :, 7:]))
+        assert isinstance(fast.view, kvstore.View) and fast.view.history == 1
+        np.testing.assert_allclose(np.array(fast.view.dense(k.dtype, v.dtype)[0]), dense, rtol=0, atol=1e-6)
+        sim = tqm.make_cache(model, cfg, simulate=True)[0]  # simulated: every K/V as stored, dense
+        keys, _ = sim.update_and_fetch(k, v)
+        assert keys.shape[2] == 10 and sim.view is None
+    finally:
+        tq_core.unpatch(model)
+    fast.view = None
+    keys, _ = fast.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the same cache after unpatch: dense again
+    assert keys.shape[2] == 11 and fast.view is None
+
+
+N_FAST = 24
+# See tests/test_hf_cache.py: free-running generation is compared for TurboQuant (codes do not flip
+# with float32 rounding); uniform's attention over the codes is held to the reference on shared codes.
+GEN_LABELS = ["K4V2+s0w0", "K3V2+s4w8"]
+FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0"]
+
+
+@pytest.mark.parametrize("label", GEN_LABELS)
+def test_patched_generation_matches_reference_path(mlx_model, prompt, label, view_spy, record_property):
+    """Greedy tokens over the codes (patched) == through the same compressed cache decoded (unpatched)."""
+    model, tokenizer = mlx_model
+    cfg = CacheConfig.parse(label)
+    ref_cache = tqm.make_cache(model, cfg)
+    reference = _tokens(model, tokenizer, prompt, N_FAST, prompt_cache=ref_cache)
+    assert view_spy["attend"] == 0 and view_spy["dense"] > 0  # the unpatched model read dense K/V
+    dense = view_spy["dense"]
+    tq_core.patch(model, config=cfg)
+    try:
+        cache = tqm.make_cache(model, cfg)
+        fast = _tokens(model, tokenizer, prompt, N_FAST, prompt_cache=cache)
+    finally:
+        tq_core.unpatch(model)
+    assert view_spy["dense"] == dense and view_spy["attend"] == dense  # every call over the codes
+    assert cache[0].store.encoded_tokens == ref_cache[0].store.encoded_tokens > 0
+    record_property("fast_vs_reference_match", sum(a == b for a, b in zip(fast, reference)) / max(len(reference), 1))
+    dec = _hf_tokenizer(tokenizer).decode
+    assert fast == reference, (dec(fast), dec(reference))
+
+
+def _corpus_ids(tokenizer, n: int) -> list[int]:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))[: n * 8]
+    ids = _hf_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"][:n]
+    assert len(ids) == n
+    return ids
+
+
+@pytest.mark.parametrize("label", FAST_LABELS)
+def test_patched_prefill_logits_match_reference_path(mlx_model, label, view_spy, record_property):
+    """Prefill logits over the codes (patched) vs decoded (unpatched), within 1e-3: a first chunk (its
+    own tokens), then a second attending to the first as stored, both paths on the very same codes."""
+    model, tokenizer = mlx_model
+    cfg = CacheConfig.parse(label)
+    ids = _corpus_ids(tokenizer, 96)
+    first, second = ids[:64], ids[64:]
+
+    def forward(cache, chunk):
+        logits = model(mx.array([chunk]), cache=cache)
+        return np.array(logits[0].astype(mx.float32))
+
+    ref_cache, fast_cache = tqm.make_cache(model, cfg), tqm.make_cache(model, cfg)
+    ref_first = forward(ref_cache, first)
+    np.testing.assert_array_equal(forward(fast_cache, first), ref_first)  # the same path twice: same codes
+    assert view_spy["attend"] == 0
+    tq_core.patch(model, config=cfg)
+    try:
+        fast_first = forward(tqm.make_cache(model, cfg), first)
+        fast_second = forward(fast_cache, second)
+    finally:
+        tq_core.unpatch(model)
+    assert view_spy["attend"] == 2 * LAYERS
+    assert fast_cache[0].store.encoded_tokens == 96 - cfg.full_precision
+    ref_second = forward(ref_cache, second)
+    worst = {"first": float(np.max(np.abs(fast_first - ref_first))),
+             "second": float(np.max(np.abs(fast_second - ref_second)))}
+    record_property("max_abs_logit_diff", max(worst.values()))
+    assert max(worst.values()) < 1e-3, worst
+    # and the second chunk really read a compressed history: it differs from the uncompressed model
+    base = tqm.baseline_cache(model)
+    forward(base, first)
+    assert float(np.max(np.abs(forward(base, second) - ref_second))) > 1e-2
 
 
 # ------------------------------------------------------------------ torch vs mlx
@@ -213,14 +437,16 @@ def _torch_greedy_mlx_chunking(hf, eos, ids, n, cache) -> list[int]:
 def test_torch_vs_mlx(hf_model, mlx_model, prompt, mlx_baseline, record_property):
     hf, hf_tok = hf_model
     model, tokenizer = mlx_model
-    assert generation.prompt_ids(hf_tok, PROMPT, chat=False) == prompt
+    assert prompt_ids(hf_tok, PROMPT, chat=False)[0] == prompt
+    torch_host = hosts.get("torch-cpu")
+    hm = hosts.Model(hf, hf_tok, hf_tok, geometry(hf.config))
 
     cache = tqm.make_cache(model, K4V2)
     mlx_tq = _tokens(model, tokenizer, prompt, N_COMPARE, prompt_cache=cache)
     _check_packed(cache, len(prompt) + len(mlx_tq), K4V2)
 
-    torch_base = generation.generate(hf, hf_tok, prompt, None, "torch", N_COMPARE).tokens
-    torch_tq = generation.generate(hf, hf_tok, prompt, K4V2, "torch", N_COMPARE).tokens
+    torch_base = generation.generate(torch_host, hm, prompt, None, N_COMPARE).tokens
+    torch_tq = generation.generate(torch_host, hm, prompt, K4V2, N_COMPARE).tokens
     from tq_core.integrations import hf as tq_hf
 
     torch_tq_chunked = _torch_greedy_mlx_chunking(hf, hf_tok.eos_token_id, prompt, N_COMPARE,
@@ -259,7 +485,8 @@ def test_bytes_1024_tokens(mlx_model, record_property):
         c.update_and_fetch(k[..., :1024, :], v[..., :1024, :])
     mx.eval([c.state for c in cache])
     b1024 = tqm.cache_nbytes(cache)
-    parts = {p: sum(c.nbytes_parts()[p] for c in cache) for p in ("codes", "norms", "sinks", "window")}
+    parts = {p: sum(c.nbytes_parts()[p] for c in cache)
+             for p in ("codes", "norms", "sinks", "window", "spare", "other")}
     fp16 = 0
     for b in base:
         keys, values = b.keys_and_values()
@@ -271,11 +498,18 @@ def test_bytes_1024_tokens(mlx_model, record_property):
         k, v = mx.random.normal((2, 1, KV_HEADS, 1024 + 64, HEAD_DIM), key=mx.random.key(i))
         c.update_and_fetch(k[..., 1024:, :], v[..., 1024:, :])
     b1088 = tqm.cache_nbytes(cache)
+    spare1088 = sum(c.nbytes_parts()["spare"] for c in cache)
     _check_packed(cache, 1088, K4V2)
 
+    # 1024 encoded tokens fill whole preallocated blocks: nothing spare, every byte is a held token's.
+    # At 1088 the history has grown by blocks; its unfilled capacity is counted apart, as spare.
+    assert parts["spare"] == parts["other"] == 0
+    capacity = cache[0].store.hist_k.capacity
+    assert capacity % kvstore.BLOCK == 0 and 1088 <= capacity < 1088 + kvstore.BLOCK + 1024 // kvstore.GROWTH
+    assert spare1088 == (capacity - 1088) * PER_TOKEN_HEAD * LAYERS * KV_HEADS
     ratio = b1024 / fp16
     mean = b1024 / (1024 * LAYERS * KV_HEADS)
-    slope = (b1088 - b1024) / (64 * LAYERS * KV_HEADS)
+    slope = (b1088 - spare1088 - b1024) / (64 * LAYERS * KV_HEADS)
     record_property("bytes_ratio_vs_fp16", ratio)
     print(f"\nmlx K4/V2 1024 tokens: {b1024} B vs fp16 {fp16} B, ratio {ratio:.4f}; "
           f"bytes/token/KV head mean {mean:.3f}, slope {slope:.3f}")

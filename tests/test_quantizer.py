@@ -377,3 +377,58 @@ def test_numpy_backend_imports_neither_torch_nor_mlx():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- constants per quantizer
+
+
+def _module_caches(module) -> dict:
+    """Module-level containers of ``module`` that hold tensors (directly or in a tuple), and
+    ``functools`` caches with entries: name -> what was found."""
+    found = {}
+    for name, value in vars(module).items():
+        if name.startswith("__"):
+            continue
+        info = getattr(value, "cache_info", None)
+        if callable(info) and info().currsize:
+            found[name] = f"functools cache with {info().currsize} entries"
+        if isinstance(value, dict):
+            items = list(value.values()) + list(value.keys())
+        elif isinstance(value, (list, set, tuple)):
+            items = list(value)
+        else:
+            continue
+        flat = [y for x in items for y in (x if isinstance(x, tuple) else (x,))]
+        n = sum(isinstance(x, torch.Tensor) for x in flat)
+        if n:
+            found[name] = f"{type(value).__name__} holding {n} tensors"
+    return found
+
+
+def test_constants_belong_to_the_quantizer_no_module_cache():
+    """100 quantizers built, used and dropped: torch_ops keeps no module-level cache of constants
+    (the old ``_CONST`` dict grew with every quantizer ever built), and each dropped quantizer's
+    constant tensors are freed with it."""
+    import gc
+    import weakref
+
+    from tq_core.ops import torch_ops
+
+    before = _module_caches(torch_ops)
+    assert before == {}, before
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    refs = []
+    for i in range(100):
+        q = TurboQuantizer(64, 1 + i % 8, seed=i, norm_correction=bool(i % 2))
+        enc = q.encode(x)
+        assert tuple(q.decode(enc).shape) == (3, 5, 64)
+        consts = [q.const(name, x, torch.float32) for name in ("rot_t", "rot", "centroids", "boundaries")]
+        # built once per (backend, device, dtype) and kept by the quantizer: the same object again
+        assert all(q.const(name, x, torch.float32) is c
+                   for name, c in zip(("rot_t", "rot", "centroids", "boundaries"), consts))
+        refs += [weakref.ref(c) for c in consts]
+        del q, enc, consts
+        assert _module_caches(torch_ops) == {}, f"after quantizer {i}: {_module_caches(torch_ops)}"
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} of {len(refs)} constant tensors of dropped quantizers are still alive"

@@ -1,8 +1,9 @@
-"""tq_core.scoring: the comparison statistics on synthetic log-probs, and scoring through a cache.
+"""harness.scoring: the comparison statistics on synthetic log-probs, and scoring through a cache.
 
 The statistics tests build log-prob arrays by hand, so every expected number is known in closed
-form. The cache tests use a tiny random transformers Llama (2 layers, head_dim 32), not the real
-model, so they take about a second.
+form. The cache tests use a tiny random Llama (2 layers, head_dim 32), not the real model, so they
+take about a second: transformers' through the torch-cpu host, mlx-lm's through the mlx host
+(``harness.hosts``), each wrapped in a ``hosts.Model``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from tq_core import CacheConfig, scoring
-from tq_core.scoring import Protocol
+from harness import hosts, scoring
+from harness.scoring import Protocol
+from tq_core import CacheConfig
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -134,34 +136,50 @@ def test_protocol_validates():
 
 
 # ---- scoring through a cache (tiny random Llama) ------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """torch on one CPU thread (``harness.scoring`` leaves threads to its caller): many tiny ops per
+    step, and a shared 2-core box makes the default pool wait in barriers."""
+    from fixtures import targets
+
+    if targets.missing_reason("torch-cpu"):
+        yield
+        return
+    with hosts.get("torch-cpu").threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny():
+    """(torch-cpu host, hosts.Model of a tiny random transformers Llama, token ids)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from harness.identity import geometry
+
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                    max_position_embeddings=256)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
-    return model, ids
+    return hosts.get("torch-cpu"), hosts.Model(model, None, None, geometry(cfg)), ids
 
 
 def test_baseline_chunked_equals_single_pass(tiny):
-    model, ids = tiny
-    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
+    host, m, ids = tiny
+    single = scoring.logprobs(host, m, ids, None, Protocol(len(ids), len(ids)))
     for chunk in (1, 5):
-        lp = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), chunk))
-        assert lp.shape == single.shape == (len(ids) - 1, model.config.vocab_size)
+        lp = scoring.logprobs(host, m, ids, None, Protocol(len(ids), chunk))
+        assert lp.shape == single.shape == (len(ids) - 1, m.model.config.vocab_size)
         np.testing.assert_allclose(lp, single, atol=2e-5)
         assert scoring.compare(single, lp, ids)["kld_mean"] < 1e-6  # float32 rounding only
 
 
 def test_decode_through_compressed_cache_differs_from_single_pass(tiny):
-    model, ids = tiny
-    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
+    host, m, ids = tiny
+    single = scoring.logprobs(host, m, ids, None, Protocol(len(ids), len(ids)))
     config = CacheConfig(bits_k=4, bits_v=2, sinks=0, window=0)
-    lp = scoring.logprobs(model, ids, config, "torch", Protocol(len(ids), 1))
+    lp = scoring.logprobs(host, m, ids, config, Protocol(len(ids), 1))
     c = scoring.compare(single, lp, ids)
     # The first position reads no history, so it matches; later ones read the codes.
     np.testing.assert_allclose(lp[0], single[0], atol=2e-5)
@@ -171,35 +189,35 @@ def test_decode_through_compressed_cache_differs_from_single_pass(tiny):
 
 def test_one_chunk_never_reads_the_cache(tiny):
     """A single chunk attends to itself in full precision: compressed == baseline exactly."""
-    model, ids = tiny
-    single = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), len(ids)))
-    lp = scoring.logprobs(model, ids, CacheConfig(sinks=0, window=0), "torch", Protocol(len(ids), len(ids)))
+    host, m, ids = tiny
+    single = scoring.logprobs(host, m, ids, None, Protocol(len(ids), len(ids)))
+    lp = scoring.logprobs(host, m, ids, CacheConfig(sinks=0, window=0), Protocol(len(ids), len(ids)))
     np.testing.assert_allclose(lp, single, atol=2e-5)
 
 
 def test_window_covers_history_matches_baseline(tiny):
     """Sinks + window longer than the text: nothing is ever encoded, decode equals the baseline."""
-    model, ids = tiny
-    base = scoring.logprobs(model, ids, None, "torch", Protocol(len(ids), 1))
-    lp = scoring.logprobs(model, ids, CacheConfig(sinks=4, window=len(ids)), "torch", Protocol(len(ids), 1))
+    host, m, ids = tiny
+    base = scoring.logprobs(host, m, ids, None, Protocol(len(ids), 1))
+    lp = scoring.logprobs(host, m, ids, CacheConfig(sinks=4, window=len(ids)), Protocol(len(ids), 1))
     np.testing.assert_allclose(lp, base, atol=2e-5)
 
 
 def test_return_cache_reports_held_bytes(tiny):
-    model, ids = tiny
+    host, m, ids = tiny
     n = len(ids)
     config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
-    lp, cache = scoring.logprobs(model, ids, config, "torch", Protocol(n, 1), return_cache=True)
-    held = scoring.held_bytes(cache, "torch")
+    lp, cache = scoring.logprobs(host, m, ids, config, Protocol(n, 1), return_cache=True)
+    held = scoring.held_bytes(host, cache)
     # n - 1 tokens were fed (the last one is never scored); 2 sinks + 8 window in float32.
-    cfg = model.config
+    cfg = m.model.config
     heads_layers = cfg.num_hidden_layers * cfg.num_key_value_heads
     enc = (n - 1) - 10
     per_vec = 32 * 4 // 8 + 32 * 2 // 8 + 2 * 2
     assert held["total"] == heads_layers * (enc * per_vec + 10 * 32 * 2 * 4)
     assert held["tokens"] == n - 1
-    base_lp, base_cache = scoring.logprobs(model, ids, None, "torch", Protocol(n, 1), return_cache=True)
-    assert scoring.held_bytes(base_cache, "torch")["total"] == heads_layers * (n - 1) * 32 * 2 * 4
+    base_lp, base_cache = scoring.logprobs(host, m, ids, None, Protocol(n, 1), return_cache=True)
+    assert scoring.held_bytes(host, base_cache)["total"] == heads_layers * (n - 1) * 32 * 2 * 4
 
 
 @pytest.mark.parametrize("config, chunk", [(CacheConfig(sinks=2, window=8), 1), (CacheConfig(sinks=2, window=8), 4),
@@ -207,42 +225,43 @@ def test_return_cache_reports_held_bytes(tiny):
                          ids=["s2w8-chunk1", "s2w8-chunk4", "plain-chunk1"])
 def test_fork_from_baseline_is_exact(tiny, config, chunk):
     """Starting the compressed cache from the baseline's first sinks+window K/V changes nothing."""
-    model, ids = tiny
+    host, m, ids = tiny
     p = Protocol(len(ids), chunk)
-    base = scoring.logprobs(model, ids, None, "torch", p, return_cache=True)
-    full = scoring.logprobs(model, ids, config, "torch", p)
-    forked = scoring.logprobs(model, ids, config, "torch", p, fork_from=base)
+    base = scoring.logprobs(host, m, ids, None, p, return_cache=True)
+    full = scoring.logprobs(host, m, ids, config, p)
+    forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
     assert scoring.fork_point(config, p) == (min(config.sinks + config.window, len(ids) - 1) // chunk) * chunk
     np.testing.assert_array_equal(forked, full)
 
 
 def test_fork_from_rejects_a_foreign_baseline(tiny):
-    model, ids = tiny
+    host, m, ids = tiny
     p = Protocol(len(ids), 1)
-    base = scoring.logprobs(model, ids[:-4], None, "torch", Protocol(len(ids) - 4, 1), return_cache=True)
+    base = scoring.logprobs(host, m, ids[:-4], None, Protocol(len(ids) - 4, 1), return_cache=True)
     with pytest.raises(ValueError, match="fork_from"):
-        scoring.logprobs(model, ids, CacheConfig(sinks=2, window=8), "torch", p, fork_from=base)
+        scoring.logprobs(host, m, ids, CacheConfig(sinks=2, window=8), p, fork_from=base)
     with pytest.raises(TypeError, match="fork_from"):
-        scoring.logprobs(model, ids, CacheConfig(sinks=2, window=8), "torch", p, fork_from=base[0])
+        scoring.logprobs(host, m, ids, CacheConfig(sinks=2, window=8), p, fork_from=base[0])
 
 
 def test_simulated_mode_quantizes_the_chunk_itself(tiny):
     """Simulated mode: a chunk's own K/V are quantized too, so one chunk no longer equals the baseline."""
-    model, ids = tiny
+    host, m, ids = tiny
     n = len(ids)
     plain = CacheConfig(sinks=0, window=0)
-    cache_mode = scoring.logprobs(model, ids, plain, "torch", Protocol(n, n))
-    sim = scoring.logprobs(model, ids, plain, "torch", Protocol(n, n, "simulated"))
+    cache_mode = scoring.logprobs(host, m, ids, plain, Protocol(n, n))
+    sim = scoring.logprobs(host, m, ids, plain, Protocol(n, n, "simulated"))
     assert np.abs(sim - cache_mode).max() > 1e-3
     # With a window covering the text nothing is ever encoded, simulated or not.
     wide = CacheConfig(sinks=0, window=n)
-    np.testing.assert_allclose(scoring.logprobs(model, ids, wide, "torch", Protocol(n, n, "simulated")), cache_mode,
+    np.testing.assert_allclose(scoring.logprobs(host, m, ids, wide, Protocol(n, n, "simulated")), cache_mode,
                                atol=2e-5)
 
 
 # ---- the same through mlx-lm (tiny random Llama) --------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_mlx():
+    """(mlx host, hosts.Model of a tiny random mlx-lm Llama, token ids)."""
     mx = pytest.importorskip("mlx.core", reason="mlx-lm not installed: pip install 'tq-core[mlx-cpu]'")
     llama = pytest.importorskip("mlx_lm.models.llama", reason="mlx-lm not installed: pip install 'tq-core[mlx-cpu]'")
     mx.random.seed(0)
@@ -251,22 +270,24 @@ def tiny_mlx():
     model = llama.Model(args)
     mx.eval(model.parameters())
     ids = np.random.default_rng(1).integers(0, 97, size=40).tolist()
-    return model, ids
+    from harness.identity import geometry
+
+    return hosts.get("mlx"), hosts.Model(model, None, None, geometry(args)), ids
 
 
 def test_mlx_fork_is_exact_and_bytes_are_counted(tiny_mlx):
-    model, ids = tiny_mlx
+    host, m, ids = tiny_mlx
     n = len(ids)
     p = Protocol(n, 1)
     config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
-    base = scoring.logprobs(model, ids, None, "mlx", p, return_cache=True)
-    single = scoring.logprobs(model, ids, None, "mlx", Protocol(n, n))
+    base = scoring.logprobs(host, m, ids, None, p, return_cache=True)
+    single = scoring.logprobs(host, m, ids, None, Protocol(n, n))
     assert scoring.compare(single, base[0], ids)["kld_mean"] < 1e-6
-    full, cache = scoring.logprobs(model, ids, config, "mlx", p, return_cache=True)
-    forked = scoring.logprobs(model, ids, config, "mlx", p, fork_from=base)
+    full, cache = scoring.logprobs(host, m, ids, config, p, return_cache=True)
+    forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
     np.testing.assert_array_equal(forked, full)
     assert scoring.compare(base[0], full, ids)["kld_mean"] > 1e-5  # it reads the codes
-    held = scoring.held_bytes(cache, "mlx")
+    held = scoring.held_bytes(host, cache)
     enc = (n - 1) - 10
     assert held["tokens"] == n - 1 and held["channels"] == 2 * 2 * 64
     assert held["codes"] + held["norms"] == 2 * 2 * enc * (16 + 8 + 4)

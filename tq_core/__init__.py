@@ -7,15 +7,18 @@
     50000
     >>> x_hat = q.decode(enc)
 
-``tq_core.patch(model, bits_k=4, bits_v=2)`` makes a transformers or mlx-lm model generate with
-the compressed cache; ``tq_core.unpatch(model)`` restores it. No backend is imported until used.
+``tq_core.patch(model, bits_k=4, bits_v=2)`` (or ``config="K4V2+s4w128"``) makes a transformers or
+mlx-lm model generate with the compressed cache, attention reading its codes;
+``tq_core.unpatch(model)`` restores it. KV methods are registered in ``tq_core.METHODS``. No backend
+is imported until used, and importing has no other side effects.
 """
 
 from .config import CacheConfig
+from .methods import METHODS
 from .quantizer import Encoded, TurboQuantizer
 
 __version__ = "0.1.0"
-__all__ = ["CacheConfig", "Encoded", "TurboQuantizer", "patch", "unpatch", "__version__"]
+__all__ = ["CacheConfig", "Encoded", "METHODS", "TurboQuantizer", "patch", "unpatch", "__version__"]
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
 """``tq``: inspect the install, generate through a compressed cache, compare with the baseline.
 
     tq info
-    tq run     [--model M] [--prompt P] [--bits-k 4] [--bits-v 2] [--backend torch|mlx]
+    tq run     [--model M] [--prompt P] [--config K4V2+s4w128 | --bits-k 4 --bits-v 2 ...] [--backend torch|mlx]
     tq compare [same options]      baseline and compressed outputs, match rate, first divergence
     tq report  [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05]
                                    static site of every results file (reports/site.py)
@@ -46,6 +46,9 @@ def cmd_info(args) -> int:
         print(f"  mlx    {mx.default_device()}")
     else:
         print("  mlx    missing: pip install 'tq-core[mlx]' (Apple silicon) or 'tq-core[mlx-cpu]'")
+    from .methods import METHODS
+
+    print(f"methods: {', '.join(METHODS)} (--config LABEL, e.g. K4V2+s4w128, uniform:K4V2+s4w128+g=32)")
     print(f"codebooks: dims {', '.join(map(str, codebook.SHIPPED_DIMS))} x bits 1..8 shipped; "
           f"others generated into {codebook.cache_dir()}")
     try:
@@ -57,60 +60,94 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _load(args):
-    from . import models
-    from .generation import check_backend
+BACKENDS = {"torch": "hf", "mlx": "mlx_lm"}  # --backend -> the integration that runs it
 
-    check_backend(args.backend)
-    if args.backend == "torch":
-        return models.load_hf(args.model, device=args.device)
-    return models.load_mlx(args.model)
+
+def _integration(backend: str):
+    import importlib
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+    return importlib.import_module(f"tq_core.integrations.{BACKENDS[backend]}")
+
+
+def _load(args):
+    """(model, tokenizer, integration) for --backend: the model loads once, patched per run."""
+    from . import models
+
+    integration = _integration(args.backend)  # a bad backend fails here, before the model loads
+    loaders = {"torch": lambda: models.load_hf(args.model, device=args.device), "mlx": lambda: models.load_mlx(args.model)}
+    model, tok = loaders[args.backend]()
+    return model, tok, integration
 
 
 def _config(args):
     from .config import CacheConfig
 
+    if args.config is not None:
+        return CacheConfig.parse(args.config)
     return CacheConfig(bits_k=args.bits_k, bits_v=args.bits_v, sinks=args.sinks, window=args.window,
                        seed=args.seed)
 
 
-def _fp16_bytes(model, n_tokens: int) -> int:
-    from .generation import kv_shape
+def _generate(model, tok, integration, ids, config, n: int):
+    """(new token ids, their text, bytes the cache held): the baseline cache when ``config`` is None,
+    else a compressed one with attention over its codes (the model patched for the call)."""
+    from . import patch, unpatch
 
-    layers, kv_heads, head_dim = kv_shape(model)
-    return layers * kv_heads * head_dim * 2 * 2 * n_tokens
+    if config is not None:
+        patch(model, config=config)
+    try:
+        cache = integration.baseline_cache(model) if config is None else integration.make_cache(model, config)
+        new = integration.greedy(model, tok, ids, cache, n)
+    finally:
+        unpatch(model)
+    from .greedy import hf_tokenizer
+
+    text = hf_tokenizer(tok).decode(new, skip_special_tokens=True)
+    return new, text, integration.cache_nbytes(cache)
+
+
+def _fp16_bytes(model, n_tokens: int) -> int:
+    from .models import geometry
+
+    geo = geometry(getattr(model, "config", None) or model.args)
+    return geo.fp16_bytes_per_token * n_tokens
+
+
+def _prompt(tok, prompt: str) -> list[int]:
+    from .greedy import hf_tokenizer, prompt_ids
+
+    return prompt_ids(hf_tokenizer(tok), prompt)[0]
 
 
 def cmd_run(args) -> int:
-    from .generation import generate, prompt_ids
-
     config = _config(args)
-    model, tok = _load(args)
-    ids = prompt_ids(tok, args.prompt)
-    out = generate(model, tok, ids, config, args.backend, args.max_new_tokens)
-    held = out.cache_nbytes
-    fp16 = _fp16_bytes(model, len(ids) + len(out.tokens) - 1)
-    print(out.text)
-    print(f"[{config.label} {args.backend}] {len(ids)} prompt + {len(out.tokens)} new tokens; cache holds "
+    model, tok, integration = _load(args)
+    ids = _prompt(tok, args.prompt)
+    new, text, held = _generate(model, tok, integration, ids, config, args.max_new_tokens)
+    fp16 = _fp16_bytes(model, len(ids) + len(new) - 1)
+    print(text)
+    print(f"[{config.label} {args.backend}] {len(ids)} prompt + {len(new)} new tokens; cache holds "
           f"{held:,} B vs {fp16:,} B as fp16 ({held / fp16:.3f}x)", file=sys.stderr)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .generation import generate, match, prompt_ids
-
     config = _config(args)
-    model, tok = _load(args)
-    ids = prompt_ids(tok, args.prompt)
-    base = generate(model, tok, ids, None, args.backend, args.max_new_tokens)
-    comp = generate(model, tok, ids, config, args.backend, args.max_new_tokens)
-    rate, first = match(base.tokens, comp.tokens)
-    print(f"--- baseline ({args.backend}, uncompressed cache, {base.cache_nbytes:,} B)")
-    print(base.text)
-    print(f"--- {config.label} ({args.backend}, TurboQuant cache, {comp.cache_nbytes:,} B)")
-    print(comp.text)
+    model, tok, integration = _load(args)
+    ids = _prompt(tok, args.prompt)
+    base = _generate(model, tok, integration, ids, None, args.max_new_tokens)
+    comp = _generate(model, tok, integration, ids, config, args.max_new_tokens)
+    from .greedy import match
+
+    rate, first = match(base[0], comp[0])
+    print(f"--- baseline ({args.backend}, uncompressed cache, {base[2]:,} B)")
+    print(base[1])
+    print(f"--- {config.label} ({args.backend}, {config.method} cache, {comp[2]:,} B)")
+    print(comp[1])
     where = "none" if first is None else f"token {first}"
-    print(f"--- token match rate {rate:.3f} over {max(len(base.tokens), len(comp.tokens))} tokens; "
+    print(f"--- token match rate {rate:.3f} over {max(len(base[0]), len(comp[0]))} tokens; "
           f"first divergence: {where}")
     return 0
 
@@ -151,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--model", default=None, help="HF id or local folder (default: SmolLM2-135M-Instruct)")
         s.add_argument("--prompt", default=DEFAULT_PROMPT)
+        s.add_argument("--config", default=None, help="a cache config label, e.g. K4V2+s4w128 or uniform:K4V2+s4w128 "
+                                                       "(instead of --bits-k/--bits-v/--sinks/--window/--seed)")
         s.add_argument("--bits-k", type=int, default=4)
         s.add_argument("--bits-v", type=int, default=2)
         s.add_argument("--sinks", type=int, default=None)

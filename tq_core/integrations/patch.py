@@ -30,32 +30,42 @@ def _is_mlx(model) -> bool:
     return isinstance(model, nn.Module)
 
 
-def patch(model, bits_k: int = 4, bits_v: int = 2, **fields):
-    """Make the host library's normal generate use a compressed TurboQuant cache.
+def patch(model, bits_k: int = 4, bits_v: int = 2, *, config: CacheConfig | str | None = None, **fields):
+    """Make the host library's normal generate use a compressed cache, with attention over its codes.
 
     Args:
         model: a transformers ``PreTrainedModel`` or an mlx-lm model.
-        bits_k, bits_v, **fields: the ``CacheConfig`` (sinks, window, seed, norm_correction).
+        bits_k, bits_v, **fields: the ``CacheConfig`` (sinks, window, seed, method, ...); or
+        config: a ``CacheConfig`` or its label (e.g. ``"K4V2+s4w128"``) instead.
     Returns the model. Patching a patched model replaces its config.
     """
-    config = CacheConfig(bits_k=bits_k, bits_v=bits_v, **fields)
+    if config is None:
+        config = CacheConfig(bits_k=bits_k, bits_v=bits_v, **fields)
+    elif fields or (bits_k, bits_v) != (4, 2):
+        raise TypeError("give either config= or the CacheConfig fields, not both")
+    elif isinstance(config, str):
+        config = CacheConfig.parse(config)
+    elif not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a CacheConfig or its label, got {type(config).__name__}")
     integration = _integration(model)
     if getattr(model, _ATTR, None) is not None:
         unpatch(model)
-    integration.patch(model, config)
-    object.__setattr__(model, _ATTR, config)
+    state = integration.patch(model, config)
+    object.__setattr__(model, _ATTR, (config, state))
     return model
 
 
 def unpatch(model):
     """Undo :func:`patch`; a model that is not patched is returned unchanged."""
-    if getattr(model, _ATTR, None) is None:
+    patched = getattr(model, _ATTR, None)
+    if patched is None:
         return model
-    _integration(model).unpatch(model)
+    _integration(model).unpatch(model, patched[1])
     object.__delattr__(model, _ATTR)
     return model
 
 
 def patched_config(model) -> CacheConfig | None:
     """The ``CacheConfig`` a model is patched with, or ``None``."""
-    return getattr(model, _ATTR, None)
+    patched = getattr(model, _ATTR, None)
+    return None if patched is None else patched[0]

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import contextlib
 
-from ..blas import use_openblas
-
-use_openblas()  # before mlx.core loads (Linux CPU: see tq_core/blas.py)
-
 import mlx.core as mx
 import numpy as np
 
 NAME = "mlx"
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 float32, float16, uint8, int64 = mx.float32, mx.float16, mx.uint8, mx.int64
-_CONST: dict = {}
 float64 = mx.float64
 
 
@@ -27,12 +22,8 @@ def device_key(x):
 
 
 def const(arr: np.ndarray, like, dtype):
-    key = (id(arr), dtype)
-    hit = _CONST.get(key)
-    if hit is None or hit[0] is not arr:
-        hit = (arr, mx.array(np.ascontiguousarray(arr), dtype=dtype))
-        _CONST[key] = hit
-    return hit[1]
+    """``arr`` as an mlx array of ``dtype`` (a new array: callers keep what they reuse)."""
+    return mx.array(np.ascontiguousarray(arr), dtype=dtype)
 
 
 def is_float(x):
@@ -143,3 +134,67 @@ def dtype_name(dtype) -> str:
 
 def quiet():
     return contextlib.nullcontext()
+
+
+def empty(shape, dtype, like):
+    return mx.zeros(shape, dtype=dtype)
+
+
+def swap_last2(x):
+    return mx.swapaxes(x, -1, -2)
+
+
+def exp(x):
+    return mx.exp(x)
+
+
+def amax_last(x):
+    """Max over the last axis, kept as a length-1 axis."""
+    return mx.max(x, axis=-1, keepdims=True)
+
+
+def maximum2(a, b):
+    return mx.maximum(a, b)
+
+
+def where(cond, a, b):
+    return mx.where(cond, a, b)
+
+
+def min_last(x):
+    return mx.min(x, axis=-1)
+
+
+def max_last(x):
+    return mx.max(x, axis=-1)
+
+
+def clip(x, lo, hi):
+    return mx.clip(x, lo, hi)
+
+
+def round(x):
+    return mx.round(x)
+
+
+def is_bool(x) -> bool:
+    return x.dtype == mx.bool_
+
+
+def log(x):
+    return mx.log(x)
+
+
+def attention_kernel(like):
+    """No fused history-attention kernel module for this backend yet: array ops are used (see ``tq_core.kernels``)."""
+    return None
+
+
+def encode_kernel(like):
+    """No fused encode kernel for this backend: array ops are used."""
+    return None
+
+
+def residual_dtype(dtype):
+    """The 16-bit dtype a cache holds full-precision tokens (sinks, window) of ``dtype`` in."""
+    return dtype if dtype in (mx.float16, mx.bfloat16) else mx.bfloat16

@@ -130,3 +130,67 @@ def dtype_name(dtype) -> str:
 def quiet():
     """Silence floating-point warnings (NaN/Inf input is reported by the caller instead)."""
     return np.errstate(all="ignore")
+
+
+def empty(shape, dtype, like):
+    return np.empty(shape, dtype=dtype)
+
+
+def swap_last2(x):
+    return np.swapaxes(x, -1, -2)
+
+
+def exp(x):
+    return np.exp(x)
+
+
+def amax_last(x):
+    """Max over the last axis, kept as a length-1 axis."""
+    return np.max(x, axis=-1, keepdims=True)
+
+
+def maximum2(a, b):
+    return np.maximum(a, b)
+
+
+def where(cond, a, b):
+    return np.where(cond, a, b)
+
+
+def min_last(x):
+    return np.min(x, axis=-1)
+
+
+def max_last(x):
+    return np.max(x, axis=-1)
+
+
+def clip(x, lo, hi):
+    return np.clip(x, lo, hi)
+
+
+def round(x):
+    return np.round(x)
+
+
+def is_bool(x) -> bool:
+    return x.dtype == np.bool_
+
+
+def log(x):
+    return np.log(x)
+
+
+def attention_kernel(like):
+    """No fused history-attention kernel module for this backend yet: array ops are used (see ``tq_core.kernels``)."""
+    return None
+
+
+def encode_kernel(like):
+    """No fused encode kernel for this backend: array ops are used."""
+    return None
+
+
+def residual_dtype(dtype):
+    """The 16-bit dtype a cache holds full-precision tokens (sinks, window) of ``dtype`` in."""
+    return np.dtype(np.float16)  # numpy has no bfloat16

@@ -10,7 +10,6 @@ import torch
 NAME = "torch"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 float32, float16, uint8, int64 = torch.float32, torch.float16, torch.uint8, torch.int64
-_CONST: dict = {}
 float64 = torch.float64
 
 
@@ -23,13 +22,8 @@ def device_key(x):
 
 
 def const(arr: np.ndarray, like, dtype):
-    """``arr`` as a tensor of ``dtype`` on ``like``'s device, cached (constants are built once)."""
-    key = (id(arr), str(like.device), dtype)
-    hit = _CONST.get(key)
-    if hit is None or hit[0] is not arr:
-        hit = (arr, torch.from_numpy(np.array(arr)).to(device=like.device, dtype=dtype))
-        _CONST[key] = hit
-    return hit[1]
+    """``arr`` as a tensor of ``dtype`` on ``like``'s device (a new tensor: callers keep what they reuse)."""
+    return torch.from_numpy(np.array(arr)).to(device=like.device, dtype=dtype)
 
 
 def is_float(x):
@@ -149,3 +143,83 @@ def dtype_name(dtype) -> str:
 
 def quiet():
     return contextlib.nullcontext()
+
+
+def empty(shape, dtype, like):
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def swap_last2(x):
+    return x.transpose(-1, -2)
+
+
+def exp(x):
+    return torch.exp(x)
+
+
+def amax_last(x):
+    """Max over the last axis, kept as a length-1 axis."""
+    return x.amax(-1, keepdim=True)
+
+
+def maximum2(a, b):
+    return torch.maximum(a, b)
+
+
+def where(cond, a, b):
+    return torch.where(cond, a, torch.as_tensor(b, dtype=a.dtype, device=a.device) if isinstance(b, float) else b)
+
+
+def min_last(x):
+    return x.amin(-1)
+
+
+def max_last(x):
+    return x.amax(-1)
+
+
+def clip(x, lo, hi):
+    return torch.clamp(x, lo, hi)
+
+
+def round(x):
+    return torch.round(x)
+
+
+def is_bool(x) -> bool:
+    return x.dtype == torch.bool
+
+
+def log(x):
+    return torch.log(x)
+
+
+def attention_kernel(like):
+    """The module of the fused history-attention kernel for ``like``'s device (its ``attend_codes``),
+    or None (see ``tq_core.kernels``): Triton on CUDA, the compiled C kernel on CPU; None when it is
+    not installed or cannot build."""
+    try:
+        if like.is_cuda:
+            from ..kernels import triton as kernel
+        else:
+            from ..kernels import cpu as kernel
+    except ImportError:
+        return None
+    return kernel if kernel.available()[0] else None
+
+
+def encode_kernel(like):
+    """The module of the fused TurboQuant encode kernel for ``like``'s device (its ``encode_into``), or
+    None: Triton on CUDA; none on CPU, where array ops are used."""
+    if not like.is_cuda:
+        return None
+    try:
+        from ..kernels import triton as kernel
+    except ImportError:
+        return None
+    return kernel if kernel.available()[0] else None
+
+
+def residual_dtype(dtype):
+    """The 16-bit dtype a cache holds full-precision tokens (sinks, window) of ``dtype`` in."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

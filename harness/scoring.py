@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import CacheConfig
+from tq_core.config import CacheConfig
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,12 @@ class Protocol:
         return f"{self.tokens} tokens, {sem}, mode={self.mode}"
 
 
-def logprobs(model, ids, config: CacheConfig | None, backend: str, protocol: Protocol, *,
-             fork_from=None, return_cache: bool = False, threads: int | None = None):
+def logprobs(host, m, ids, config: CacheConfig | None, protocol: Protocol, *, fork_from=None,
+             return_cache: bool = False):
     """Log-probabilities of the next token at each position, (tokens - 1, vocab) float32.
 
-    ``config=None`` scores with the host library's uncompressed cache (the baseline).
+    ``host`` is the backend's host (``harness.hosts.get``), ``m`` its loaded model. ``config=None``
+    scores with the host library's uncompressed cache (the baseline).
 
     Keyword-only options (none of them changes what is measured):
 
@@ -49,29 +50,41 @@ def logprobs(model, ids, config: CacheConfig | None, backend: str, protocol: Pro
         tokens (see :func:`held_bytes`).
     fork_from: the ``(logprobs, cache)`` of the *baseline* scored with ``return_cache=True`` on
         the same ids and protocol. Until a token leaves the window nothing is encoded, so a
-        compressed cache computes exactly what the uncompressed one did (same keys and values, in
-        the same order, through the same kernels): those positions are taken from the baseline,
+        compressed cache computes what the uncompressed one did (same keys and values, in the same
+        order; up to float rounding where its attention reads a View instead of sdpa, measured
+        <= 5e-7 in log-probs): those positions are taken from the baseline,
         its keys/values of the first ``F`` tokens are written into the compressed cache, and
         scoring continues from token ``F`` (``F`` = sinks + window, rounded down to a chunk
         boundary). With the default 4 + 128 this skips 132 of 511 decode steps at 512 tokens.
-        Ignored in simulated mode and when nothing can be skipped.
-    threads: torch CPU intra-op threads while scoring (restored after). ``None``: one thread for
-        chunks under 64 tokens, else unchanged. A one-token step of a small model is a few ms of
-        arithmetic and many tiny ops; OpenMP hand-offs cost more than they gain, and on a shared
-        CPU they stall (busy 2-core box, 200 tokens at chunk 1, SmolLM2-135M: baseline 127 s ->
-        33 s, K4/V2 571 s -> 36 s with one thread).
+        Ignored in simulated mode, when nothing can be skipped, and for a model that does not
+        compute in 16 bits (its sinks and window are held in 16 bits: not the baseline's numbers).
+
+    The compressed cache is sized for the fed tokens up front (``reserve``), so what it holds at
+    the end is exactly what those tokens need.
     """
     ids = [int(i) for i in ids[: protocol.tokens]]
     if len(ids) < protocol.tokens:
         raise ValueError(f"text has {len(ids)} tokens, protocol needs {protocol.tokens}")
     if fork_from is not None:
         fork_from = _check_fork(fork_from, len(ids))
-    if backend == "torch":
-        lp, cache = _logprobs_torch(model, ids, config, protocol, fork_from, threads)
-    elif backend == "mlx":
-        lp, cache = _logprobs_mlx(model, ids, config, protocol, fork_from)
+    fed = len(ids) - 1
+    simulate = protocol.mode == "simulated"
+    out, start = [], 0
+    # Forking is exact only where the cache holds sinks and window as the model computes them (a
+    # 16-bit model): a float32 model's are held in 16 bits, so its first positions differ already.
+    f = fork_point(config, protocol, len(ids)) if fork_from is not None and host.holds_window_exactly(m) else 0
+    if f:
+        base_lp, base_cache = fork_from
+        if any(kv is None or kv[0].shape[-2] != fed for kv in host.layer_kv(base_cache)):
+            raise ValueError("fork_from cache must be the baseline's, holding every fed token in each layer")
+        cache = host.fork(m, base_cache, config, upto=f, reserve=fed)
+        out.append(base_lp[:f])
+        start = f
     else:
-        raise ValueError(f"backend must be 'torch' or 'mlx', got {backend!r}")
+        cache = host.new_cache(m, config, simulate=simulate, reserve=fed)
+    for s, e in _chunks(len(ids), protocol.chunk, start):
+        out.append(host.log_softmax(host.forward(m, ids[s:e], cache)))  # see log_softmax
+    lp = np.concatenate(out, axis=0)
     return (lp, cache) if return_cache else lp
 
 
@@ -106,82 +119,7 @@ def fork_point(config: CacheConfig | None, protocol: Protocol, tokens: int | Non
     return (f // protocol.chunk) * protocol.chunk
 
 
-class _torch_threads:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.before = torch.get_num_threads()
-        if self.n is not None and self.n != self.before:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        import torch
-
-        if torch.get_num_threads() != self.before:
-            torch.set_num_threads(self.before)
-
-
-def _logprobs_torch(model, ids, config, protocol, fork_from, threads):
-    import torch
-
-    from .integrations import hf
-
-    simulate = protocol.mode == "simulated"
-    cache = hf.dynamic_cache(model) if config is None else hf.make_cache(model, config, simulate)
-    device = next(model.parameters()).device
-    if threads is None and device.type == "cpu" and protocol.chunk < 64:
-        threads = 1
-    x = torch.tensor([ids], device=device)
-    out, start = [], 0
-    f = fork_point(config, protocol, len(ids)) if fork_from is not None else 0
-    with _torch_threads(threads if device.type == "cpu" else None), torch.no_grad():
-        if f:
-            base_lp, base_cache = fork_from
-            layers = getattr(base_cache, "layers", None)
-            if not layers or any(getattr(la, "keys", None) is None or la.keys.shape[-2] != len(ids) - 1
-                                 for la in layers):
-                raise ValueError("fork_from cache must be the baseline's, holding every fed token in each layer")
-            for i, la in enumerate(layers):
-                cache.update(la.keys[:, :, :f].clone(), la.values[:, :, :f].clone(), i)
-            out.append(base_lp[:f])
-            start = f
-        for s, e in _chunks(len(ids), protocol.chunk, start):
-            logits = model(input_ids=x[:, s:e], use_cache=True, **{hf.cache_kwarg(model): cache}).logits
-            out.append(torch.log_softmax(logits[0].double(), dim=-1).float().cpu().numpy())  # see _log_softmax
-    return np.concatenate(out, axis=0), cache
-
-
-def _logprobs_mlx(model, ids, config, protocol, fork_from):
-    import mlx.core as mx
-
-    from .integrations import mlx_lm
-
-    simulate = protocol.mode == "simulated"
-    cache = mlx_lm.baseline_cache(model) if config is None else mlx_lm.make_cache(model, config, simulate)
-    x = mx.array([ids])
-    out, start = [], 0
-    f = fork_point(config, protocol, len(ids)) if fork_from is not None else 0
-    if f:
-        base_lp, base_cache = fork_from
-        if len(base_cache) != len(cache) or any(getattr(c, "offset", None) != len(ids) - 1 or c.keys is None
-                                                for c in base_cache):
-            raise ValueError("fork_from cache must be the baseline's, holding every fed token in each layer")
-        for c, b in zip(cache, base_cache):
-            c.update_and_fetch(mx.array(b.keys[..., :f, :]), mx.array(b.values[..., :f, :]))
-        mx.eval([c.state for c in cache])
-        out.append(base_lp[:f])
-        start = f
-    for s, e in _chunks(len(ids), protocol.chunk, start):
-        logits = model(x[:, s:e], cache=cache)[0].astype(mx.float32)
-        mx.eval(logits)
-        out.append(_log_softmax(np.array(logits)))
-    return np.concatenate(out, axis=0), cache
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     """float32 log-probs normalized in float64.
 
     Both backends normalize in float64 so their scorings differ only by the model's arithmetic:
@@ -192,59 +130,21 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return _renormalized(logits).astype(np.float32)
 
 
-def held_bytes(cache, backend: str) -> dict:
+def held_bytes(host, cache) -> dict:
     """What a scoring's cache holds at the end, measured from its arrays.
 
-    Returns bytes by part (``codes``, ``norms``, ``sinks``, ``window`` and any other part the layer
-    stores count, e.g. ``other``, of compressed layers; ``uncompressed`` for the host library's own
-    layers, the whole baseline cache included), their
-    ``total``, the ``tokens`` held, ``channels`` (K plus V channels per token, summed over layers
-    and KV heads) and ``bits_per_channel`` = total * 8 / (tokens * channels). mlx-lm's own
-    ``KVCache`` allocates in steps of 256 tokens; its bytes are the allocation (what is held).
+    Returns bytes by part (the method's fields, e.g. ``codes`` and ``norms``, ``spare`` history
+    capacity, ``sinks``, ``window``, ``other`` of compressed layers; ``uncompressed`` for the host
+    library's own layers, the whole baseline cache included), their ``total``, the ``tokens`` held,
+    ``channels`` (K plus V channels per token, summed over layers and KV heads) and
+    ``bits_per_channel`` = total * 8 / (tokens * channels). mlx-lm's own ``KVCache`` allocates in
+    steps of 256 tokens; its bytes are the allocation (what is held).
     """
-    parts = {"codes": 0, "norms": 0, "sinks": 0, "window": 0, "uncompressed": 0}
-    channels = tokens = 0
-    if backend == "torch":
-        from .integrations import hf
-
-        tokens = int(cache.get_seq_length())
-        for layer in cache.layers:
-            store = getattr(layer, "store", None)
-            if isinstance(layer, hf.TurboQuantLayer):
-                if store is None:
-                    continue
-                for part, n in store.nbytes().items():
-                    parts[part] = parts.get(part, 0) + n
-                channels += _store_heads(store) * (store.qk.dim + store.qv.dim)
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                parts["uncompressed"] += layer.keys.nbytes + layer.values.nbytes
-                channels += layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1])
-    elif backend == "mlx":
-        from .integrations import mlx_lm
-
-        tokens = max((int(c.offset) for c in cache), default=0)
-        for c in cache:
-            if isinstance(c, mlx_lm.TurboQuantMLXCache):
-                if c.store is None:
-                    continue
-                for part, n in c.nbytes_parts().items():
-                    parts[part] = parts.get(part, 0) + n
-                channels += _store_heads(c.store) * (c.store.qk.dim + c.store.qv.dim)
-            elif getattr(c, "keys", None) is not None:
-                parts["uncompressed"] += int(c.nbytes)
-                channels += c.keys.shape[1] * (c.keys.shape[-1] + c.values.shape[-1])
-    else:
-        raise ValueError(f"backend must be 'torch' or 'mlx', got {backend!r}")
+    held = host.held_bytes(cache)
+    parts, tokens, channels = held["parts"], held["tokens"], held["channels"]
     total = sum(parts.values())
     bpc = total * 8 / (tokens * channels) if tokens and channels else float("nan")
     return {**parts, "total": total, "tokens": tokens, "channels": channels, "bits_per_channel": bpc}
-
-
-def _store_heads(store) -> int:
-    for x in (store.sink_k, store.win_k, None if store.hist_k is None else store.hist_k.norms):
-        if x is not None:
-            return int(x.shape[1])
-    return 0
 
 
 def perplexity(lp: np.ndarray, ids) -> dict:

@@ -21,7 +21,7 @@ import os
 import sys
 
 ENV = "TQ_MLX_BLAS"
-HINT = "install a system OpenBLAS (apt-get install libopenblas0-pthread; tq_core/blas.py loads it)"
+HINT = "install a system OpenBLAS (apt-get install libopenblas0-pthread; harness/blas.py loads it)"
 # Debian/Ubuntu (apt-get install libopenblas0-pthread), then the generic sonames.
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -55,7 +55,7 @@ def use_openblas() -> str:
     elif importlib.util.find_spec("mlx") is None:
         status = "mlx not installed"
     elif "mlx.core" in sys.modules:
-        status = "mlx wheel default (mlx imported before tq_core.blas)"
+        status = "mlx wheel default (mlx imported before harness.blas)"
     elif _preloaded():
         status = "openblas (LD_PRELOAD)"
     elif choice.lower() == "off":
