@@ -186,13 +186,14 @@ def _nvidia_driver() -> str | None:
 
 
 def provenance(config) -> dict:
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = None if os.environ.get("TQ_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
     if dirty is None and os.environ.get("TQ_DIRTY") in ("0", "1"):
         dirty = "dirty" if os.environ["TQ_DIRTY"] == "1" else ""
     run = {
         "started": config.stash[RECORDER].started,
-        # TQ_COMMIT names the commit of a copied tree that has no .git (e.g. a remote GPU box).
-        "commit": _git("rev-parse", "HEAD") or os.environ.get("TQ_COMMIT"),
+        # TQ_COMMIT names the commit of a copied tree (e.g. on a remote GPU machine), whose .git, if
+        # any, may not be the one the tree came from: it wins over git when set.
+        "commit": os.environ.get("TQ_COMMIT") or _git("rev-parse", "HEAD"),
         "commit_time": _git("show", "-s", "--format=%cI", "HEAD"),
         "dirty": None if dirty is None else bool(dirty),
         "versions": {d: _version(d) for d in ("tq-core", "numpy", "torch", "transformers", "mlx", "mlx-lm")},

@@ -167,7 +167,7 @@ def maximum2(a, b):
 
 
 def where(cond, a, b):
-    return torch.where(cond, a, torch.as_tensor(b, dtype=a.dtype, device=a.device) if isinstance(b, float) else b)
+    return torch.where(cond, a, b)  # a Python scalar ``b`` stays on the host: no copy (CUDA graphs)
 
 
 def min_last(x):

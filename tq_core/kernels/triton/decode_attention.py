@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -508,7 +509,8 @@ def byte_tables(centroids, bits: int) -> tuple[int, int, int, int]:
     entries 4-7, high bytes of entries 0-3, of entries 4-7. A device tensor is copied to the host
     (one sync): callers that attend repeatedly compute the tables once and pass them in.
     """
-    c = torch.as_tensor(centroids).detach().to("cpu", torch.float32)
+    c = torch.as_tensor(np.array(centroids) if isinstance(centroids, np.ndarray) else centroids)
+    c = c.detach().to("cpu", torch.float32)
     if bits == 4:
         if not torch.equal(c.flip(0), -c):
             raise ValueError("lut='asm' with 4-bit codes needs a symmetric codebook (c[15-i] == -c[i]); "

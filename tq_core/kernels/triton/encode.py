@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -274,8 +275,8 @@ def symmetric(boundaries, centroids, bits: int) -> bool:
     once and pass it to ``encode_into``."""
     if bits > 4 or bits < 2:
         return False
-    b = torch.as_tensor(boundaries).detach().cpu()
-    c = torch.as_tensor(centroids).detach().cpu()
+    b, c = (torch.as_tensor(np.array(x) if isinstance(x, np.ndarray) else x).detach().cpu()
+            for x in (boundaries, centroids))
     return bool(torch.equal(b, -b.flip(0)) and torch.equal(c, -c.flip(0)) and b[len(b) // 2] == 0)
 
 
