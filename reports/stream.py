@@ -378,7 +378,9 @@ def assemble(parts: list[Part], run: dict | None = None) -> dict:
             reasons.append(f"killed: no session end{who}")
         elif p.end.get("incomplete"):
             reasons.append(f"{p.end['incomplete']}{who}")
-    out["exitstatus"] = main.end.get("exitstatus") if main.end else None
+    if main.who != "main":  # only workers' streams: the session's own end (and exit status) is unknown
+        reasons.insert(0, "the run's own stream is missing (only worker streams were found)")
+    out["exitstatus"] = main.end.get("exitstatus") if main.end and main.who == "main" else None
     if reasons:
         out["incomplete"] = "; ".join(dict.fromkeys(reasons))
     if unfinished:

@@ -13,7 +13,12 @@ token, exactly as at the last generation step, and the ``View`` it returns, deco
 (``View.dense``), holds every position any earlier query ever reads as codes. Codes are written
 once and never re-encoded, so those decoded vectors are what every earlier query read too (checked
 at a second point, t = T/2, for layer 0), and the per-(t, j) full-precision/codes split above is
-checked against what the store returned (full precision exactly there, codes elsewhere).
+checked against what the store returned (full precision exactly there, codes elsewhere). "Full
+precision" is what the store holds: sinks and window in 16 bits (the input's dtype when it is
+16-bit, else bfloat16), so they must equal the originals rounded to that dtype, bit for bit; the
+query's own token is attended as given (exactly the original). The metrics below measure what the
+codes do (the keys and values read as codes); the 16-bit rounding of a float32 capture's sinks and
+window is not part of them.
 
 Queries scored: the last ``QUERY_ROWS`` positions (256 of 512: at t = 256 the K4/V2 default
 cache holds 124 of 257 keys as codes, at t = 511, 379 of 512), all 9 query heads (GQA: query head
@@ -110,12 +115,20 @@ def cache_view(cap, layer: int, config, host):
 
     Fed through ``LayerStore.update`` exactly as in generation's last step: every earlier position
     stored, then the last token. Positions ``sinks <= j < T-1-window`` come back decoded -- the
-    only positions any query ``t <= T-1`` reads as codes -- the rest in full precision. Codes are
-    written once and never re-encoded, so these decoded vectors are what every earlier query read
-    too; that is checked at a second point (t = T/2) for layer 0.
+    only positions any query ``t <= T-1`` reads as codes -- the rest in full precision: the sinks
+    and window as the store holds them (the originals rounded to its 16-bit dtype, exactly), the
+    last token as given (exactly the original). Codes are written once and never re-encoded, so
+    these decoded vectors are what every earlier query read too; that is checked at a second point
+    (t = T/2) for layer 0.
     """
     T = cap.tokens
     kb, vb = host.from_numpy(cap.k[layer]), host.from_numpy(cap.v[layer])
+
+    def rounded(orig: np.ndarray, like) -> np.ndarray:
+        """``orig`` (kv_heads, T, D) rounded to the dtype the store holds the sinks and window of
+        ``like``'s dtype in: that dtype when it is 16-bit, else bfloat16."""
+        held = like.dtype if like.dtype in (host.float16, host.bfloat16) else host.bfloat16
+        return hosts.to_numpy(host.from_numpy(orig, held)).astype(np.float32)
 
     def view_at(t: int):
         store = LayerStore(config, layer, cap.head_dim)
@@ -125,13 +138,20 @@ def cache_view(cap, layer: int, config, host):
         return tuple(hosts.to_numpy(a)[0].astype(np.float32) for a in view.dense(kb.dtype, vb.dtype))
 
     k_hat, v_hat = view_at(T - 1)
-    for name, got, orig in (("K", k_hat, cap.k[layer][0]), ("V", v_hat, cap.v[layer][0])):
+    for name, got, orig, like in (("K", k_hat, cap.k[layer][0], kb), ("V", v_hat, cap.v[layer][0], vb)):
         assert got.shape == orig.shape, f"layer {layer}: store returned {name} {got.shape}, expected {orig.shape}"
+        orig16 = rounded(orig, like)
         fp = full_precision_mask(np.array([T - 1]), T, config.sinks, config.window)[0]
-        # Full precision exactly where decode semantics say, codes (not the originals) elsewhere.
-        assert np.array_equal(got[:, fp], orig[:, fp]), f"layer {layer}: {name} full-precision part altered"
+        held_fp, own = fp.copy(), np.arange(T) == T - 1
+        held_fp[T - 1] = False
+        # Full precision exactly where decode semantics say: the held sinks and window as the
+        # originals rounded to the store's 16-bit dtype, the last token (this call's own) as given ...
+        assert np.array_equal(got[:, held_fp], orig16[:, held_fp]), f"layer {layer}: {name} full-precision part altered"
+        assert np.array_equal(got[:, own], orig[:, own]), f"layer {layer}: {name} own token altered"
+        # ... codes elsewhere: neither the originals nor their 16-bit rounding.
         if (~fp).any():
             assert not np.array_equal(got[:, ~fp], orig[:, ~fp]), f"layer {layer}: {name} history not quantized"
+            assert not np.array_equal(got[:, ~fp], orig16[:, ~fp]), f"layer {layer}: {name} history not quantized"
     if layer == 0:
         mid = T // 2
         k_mid, v_mid = view_at(mid)
@@ -153,7 +173,8 @@ def layer_metrics(cap, layer: int, config, host, rows: int, baselines: Baselines
     b = baseline(cap, layer, rows) if baselines is None else baselines.get(cap, layer, rows)
     T, group = cap.tokens, cap.heads // cap.kv_heads
     k_hat, v_hat = cache_view(cap, layer, config, host)
-    dk = b["k"] - torch.from_numpy(k_hat).repeat_interleave(group, 0)  # k - k_hat (0 where never coded)
+    # k - k_hat; where never coded only the 16-bit rounding of sinks/window (masked out by ``coded``)
+    dk = b["k"] - torch.from_numpy(k_hat).repeat_interleave(group, 0)
     dv = torch.from_numpy(v_hat).repeat_interleave(group, 0) - b["v"]  # v_hat - v
     coded = torch.from_numpy(~full_precision_mask(b["t"], T, config.sinks, config.window)) & b["causal"]
     # Scores the cache gives: s - delta, delta = q.(k - k_hat) * scale on the keys read as codes.

@@ -255,3 +255,23 @@ def test_xdist_workers_stream_their_own_partial_files_and_the_controller_assembl
     assert sorted(r["metric"] for r in run_.records) == ["bytes_held", "decode_tokens_per_s", "kld_mean"]
     assert set(run_.tests) == {A_ID, B_ID, "test_demo.py::test_c"} and run_.run["exitstatus"] == 0
     assert "incomplete" not in run_.run and not partials(tmp_path)
+
+
+def test_worker_streams_without_the_runs_own_are_never_complete(tmp_path):
+    """Partial files of xdist workers alone (the controller's lost): recovered as incomplete, no exit status."""
+    from reports import stream
+
+    run = {"target": "cuda", "started": "2026-11-30T21:08:18+00:00", "commit": "a" * 40}
+    for who in ("gw0", "gw1"):
+        lines = [{"kind": "start", "format": 1, "run": run},
+                 {"kind": "record", "record": {"suite": "mse", "test": f"t_{who}", "metric": "d_mse", "value": 0.1,
+                                               "unit": "", "error": None, "labels": {}}},
+                 {"kind": "test", "test": f"t_{who}", "outcome": "passed"},
+                 {"kind": "end", "exitstatus": 0}]
+        path = tmp_path / stream.partial_name("20261130T210818_aaaaaaaaaa", "ab12", who)
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = stream.recover(tmp_path, warn=lambda m: None)
+    data = json.loads(out[0].read_text())
+    assert data["run"]["exitstatus"] is None
+    assert "own stream is missing" in data["run"]["incomplete"]
+    assert len(data["records"]) == 2

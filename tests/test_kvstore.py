@@ -1,8 +1,11 @@
 """LayerStore (tq_core/kvstore.py): what attention reads, what is stored, bytes, batch reordering,
 preallocated growth, and attention over what is held (``View.attend``).
 
-Layout along the token axis: [ sinks (exact) | history (the method's fields) | window (exact) ],
-and ``update`` returns a ``View``: that, followed by the call's own tokens, exact.
+Layout along the token axis: [ sinks (16-bit) | history (the method's fields) | window (16-bit) ],
+and ``update`` returns a ``View``: that, followed by the call's own tokens, exact (input precision).
+Sinks and window are held in 16 bits: the input's dtype when it is float16/bfloat16, else bfloat16
+(numpy: float16), so they equal the originals rounded to that dtype, bit for bit; tokens leaving
+the window are encoded from those 16-bit values.
 ``View.dense`` decodes the history (the reference path); ``View.attend`` attends in the method's
 space (TurboQuant: rotated queries against ``s * c[code]``) and must agree with a float64 softmax
 over ``View.dense``.
@@ -48,9 +51,36 @@ def _to(lib: str, a: np.ndarray):
 
 
 def _np(x) -> np.ndarray:
+    """Values as numpy (bfloat16, which numpy lacks, widened exactly to float32)."""
     if isinstance(x, np.ndarray):
         return x
-    return x.numpy() if isinstance(x, torch.Tensor) else np.array(x)
+    if isinstance(x, torch.Tensor):
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    import mlx.core as mx
+
+    return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
+
+
+def _raw(x) -> np.ndarray:
+    """What an array holds, as numpy with the same bytes (bfloat16 as its uint16 bit patterns), so
+    byte comparisons and byte counts see exactly what is stored."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    import mlx.core as mx
+
+    return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+
+
+def _r16(lib: str, a: np.ndarray) -> np.ndarray:
+    """float32 ``a`` rounded to the 16-bit dtype the store holds sinks and window of a float32 input
+    in (numpy: float16; torch, mlx: bfloat16, rounded here by torch), widened back to float32."""
+    if lib == "numpy":
+        return a.astype(np.float16).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a)).bfloat16().float().numpy()
 
 
 def _idx(lib: str, idx: list[int]):
@@ -108,19 +138,20 @@ def test_update_returns_exact_and_decoded_parts(lib, chunks):
         # this call's tokens: exact
         np.testing.assert_array_equal(keys[:, :, start:], k[:, :, start:total])
         np.testing.assert_array_equal(values[:, :, start:], v[:, :, start:total])
-        # sinks: exact, forever
+        # sinks: the originals rounded to the store's 16-bit dtype, exactly, forever
         ns = min(s, start)
-        np.testing.assert_array_equal(keys[:, :, :ns], k[:, :, :ns])
-        np.testing.assert_array_equal(values[:, :, :ns], v[:, :, :ns])
-        # window: the last `window` earlier tokens after the sinks, exact
+        np.testing.assert_array_equal(keys[:, :, :ns], _r16(lib, k[:, :, :ns]))
+        np.testing.assert_array_equal(values[:, :, :ns], _r16(lib, v[:, :, :ns]))
+        # window: the last `window` earlier tokens after the sinks, rounded to 16 bits, exactly
         lo = max(s, start - w)
-        np.testing.assert_array_equal(keys[:, :, lo:start], k[:, :, lo:start])
-        np.testing.assert_array_equal(values[:, :, lo:start], v[:, :, lo:start])
-        # history: decoded, exactly what the store's own quantizers give for those tokens
+        np.testing.assert_array_equal(keys[:, :, lo:start], _r16(lib, k[:, :, lo:start]))
+        np.testing.assert_array_equal(values[:, :, lo:start], _r16(lib, v[:, :, lo:start]))
+        # history: decoded, exactly what the store's own quantizers give for those tokens as the
+        # window held them (16-bit)
         if lo > s:
             hk, hv = keys[:, :, s:lo], values[:, :, s:lo]
-            ref_k = _np(qk.decode(qk.encode(_to(lib, k[:, :, s:lo]))))
-            ref_v = _np(qv.decode(qv.encode(_to(lib, v[:, :, s:lo]))))
+            ref_k = _np(qk.decode(qk.encode(_to(lib, _r16(lib, k[:, :, s:lo])))))
+            ref_v = _np(qv.decode(qv.encode(_to(lib, _r16(lib, v[:, :, s:lo])))))
             np.testing.assert_allclose(hk, ref_k, rtol=0, atol=1e-5)
             np.testing.assert_allclose(hv, ref_v, rtol=0, atol=1e-5)
             assert np.all(np.any(hk != k[:, :, s:lo], axis=-1))  # every vector was quantized
@@ -182,13 +213,13 @@ def _stored(store):
     out = {}
     for name in ("sink_k", "sink_v", "win_k", "win_v"):
         x = getattr(store, name)
-        out[name] = None if x is None else _np(x).copy()
+        out[name] = None if x is None else _raw(x).copy()
     for name in ("hist_k", "hist_v"):
         hist = getattr(store, name)
         fields = getattr(store, "codec_" + name[-1]).fields()
         parts = hist.parts() if hist.n else {}
         for field in fields:
-            out[f"{name}.{field}"] = _np(parts[field]).copy() if field in parts else None
+            out[f"{name}.{field}"] = _raw(parts[field]).copy() if field in parts else None
     return out
 
 
@@ -237,9 +268,9 @@ def _held_bytes(store) -> int:
     total = 0
     for name in ("sink_k", "sink_v", "win_k", "win_v"):
         x = getattr(store, name)
-        total += 0 if x is None else _np(x).nbytes
+        total += 0 if x is None else _raw(x).nbytes
     for hist in (store.hist_k, store.hist_v):
-        total += sum(_np(buf).nbytes for buf in (hist.buffers or {}).values())
+        total += sum(_raw(buf).nbytes for buf in (hist.buffers or {}).values())
     return total
 
 
@@ -265,8 +296,9 @@ def test_nbytes_parts(lib, t):
     # spare: the preallocated history capacity not (yet) holding a token
     assert parts["spare"] == (store.hist_k.capacity - e) * B * H * 52
     assert store.hist_k.capacity == store.hist_v.capacity
-    assert parts["sinks"] == min(t, CFG.sinks) * B * H * D * 4 * 2
-    assert parts["window"] == min(max(t - CFG.sinks, 0), CFG.window) * B * H * D * 4 * 2
+    # sinks and window: 2 bytes per element (held in 16 bits for this float32 input), K and V
+    assert parts["sinks"] == min(t, CFG.sinks) * B * H * D * 2 * 2
+    assert parts["window"] == min(max(t - CFG.sinks, 0), CFG.window) * B * H * D * 2 * 2
     # the parts add up to every array the store holds
     assert sum(parts.values()) == _held_bytes(store)
 
@@ -332,6 +364,78 @@ def test_fp16_inputs(lib):
     assert keys.dtype == kk.dtype and values.dtype == vv.dtype
     assert tuple(keys.shape) == (B, H, 22, D)
     assert store.nbytes()["sinks"] == CFG.sinks * B * H * D * 2 * 2
+
+
+def _dtype(lib: str, name: str):
+    if lib == "numpy":
+        return np.dtype(name)
+    if lib == "torch":
+        return getattr(torch, name)
+    import mlx.core as mx
+
+    return getattr(mx, name)
+
+
+def _cast(lib: str, a: np.ndarray, name: str):
+    """float32 numpy ``a`` as a ``lib`` array of dtype ``name``."""
+    x = _to(lib, a)
+    return x.to(_dtype(lib, name)) if lib == "torch" else x.astype(_dtype(lib, name))
+
+
+# (input dtype, dtype the store holds sinks and window in) per backend: 16-bit inputs as they are,
+# float32 in bfloat16 (numpy, which has no bfloat16: float16)
+RESIDUAL_DTYPES = [
+    pytest.param("numpy", "float32", "float16", id="numpy-float32"),
+    pytest.param("numpy", "float16", "float16", id="numpy-float16"),
+    pytest.param("torch", "float32", "bfloat16", id="torch-float32"),
+    pytest.param("torch", "float16", "float16", id="torch-float16"),
+    pytest.param("torch", "bfloat16", "bfloat16", id="torch-bfloat16"),
+    *(pytest.param("mlx", dt, held, id=f"mlx-{dt}", marks=MLX.marks)
+      for dt, held in (("float32", "bfloat16"), ("float16", "float16"), ("bfloat16", "bfloat16"))),
+]
+
+
+@pytest.mark.parametrize("lib, dtype, held", RESIDUAL_DTYPES)
+def test_sinks_and_window_held_in_16_bits(lib, dtype, held):
+    """Sinks and window are held in the input's dtype when it is 16-bit, else in bfloat16 (numpy:
+    float16), and equal the inputs rounded to that dtype bit for bit; the call's own tokens stay at
+    the input precision; ``View.dense`` returns whatever dtype it is asked for."""
+    k, v = _data(20, 17)
+    kk, vv = _cast(lib, k, dtype), _cast(lib, v, dtype)
+    assert kk.dtype == _dtype(lib, dtype) and vv.dtype == _dtype(lib, dtype)
+    store = LayerStore(CFG, 0, D)
+    first = store.update(kk[:, :, :15], vv[:, :, :15])  # 4 sinks, 8 in the window, 3 encoded
+    assert store.encoded_tokens == 3
+    for name in ("sink_k", "sink_v", "win_k", "win_v"):
+        assert getattr(store, name).dtype == _dtype(lib, held), name
+    # held = the inputs rounded to ``held`` (exactly; for a 16-bit input, the inputs themselves)
+    want_k, want_v = _np(kk).astype(np.float32), _np(vv).astype(np.float32)
+    if held != dtype:
+        want_k, want_v = _r16(lib, want_k), _r16(lib, want_v)
+        assert np.any(want_k != _np(kk)), "rounding to 16 bits changed nothing: the test would prove nothing"
+    np.testing.assert_array_equal(_np(store.sink_k).astype(np.float32), want_k[:, :, :4])
+    np.testing.assert_array_equal(_np(store.sink_v).astype(np.float32), want_v[:, :, :4])
+    np.testing.assert_array_equal(_np(store.win_k).astype(np.float32), want_k[:, :, 7:15])
+    np.testing.assert_array_equal(_np(store.win_v).astype(np.float32), want_v[:, :, 7:15])
+    # the first call's own tokens are attended as given (input precision, not rounded)
+    assert first.new[0].dtype == kk.dtype and first.new[1].dtype == vv.dtype
+    np.testing.assert_array_equal(_np(first.new[0]), _np(kk[:, :, :15]))
+    np.testing.assert_array_equal(_np(first.new[1]), _np(vv[:, :, :15]))
+    nk, nv = kk[:, :, 15:], vv[:, :, 15:]
+    view = store.update(nk, nv)
+    for ask_k, ask_v in ((dtype, dtype), ("float32", "float16"), (held, "float32")):
+        keys, values = view.dense(_dtype(lib, ask_k), _dtype(lib, ask_v))
+        assert keys.dtype == _dtype(lib, ask_k) and values.dtype == _dtype(lib, ask_v), (ask_k, ask_v)
+        assert tuple(keys.shape) == tuple(values.shape) == (B, H, 20, D)
+    # asked in float32, the held parts come back exactly as held and the new tokens as given
+    keys, values = (_np(x) for x in view.dense(_dtype(lib, "float32"), _dtype(lib, "float32")))
+    np.testing.assert_array_equal(keys[:, :, :4], want_k[:, :, :4])
+    np.testing.assert_array_equal(values[:, :, 7:15], want_v[:, :, 7:15])
+    np.testing.assert_array_equal(keys[:, :, 15:], _np(nk).astype(np.float32))
+    np.testing.assert_array_equal(values[:, :, 15:], _np(nv).astype(np.float32))
+    # 2 bytes per held element, whatever the input's width
+    assert store.nbytes()["sinks"] == CFG.sinks * B * H * D * 2 * 2
+    assert store.nbytes()["window"] == CFG.window * B * H * D * 2 * 2
 
 
 # ----------------------------------------------------------------------------- preallocated history

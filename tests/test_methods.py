@@ -42,9 +42,35 @@ def _to(lib: str, a: np.ndarray):
 
 
 def _np(x) -> np.ndarray:
+    """Values as numpy (bfloat16, which numpy lacks, widened exactly to float32)."""
     if isinstance(x, np.ndarray):
         return x
-    return x.numpy() if isinstance(x, torch.Tensor) else np.array(x)
+    if isinstance(x, torch.Tensor):
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    import mlx.core as mx
+
+    return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
+
+
+def _raw(x) -> np.ndarray:
+    """What an array holds, as numpy with the same bytes (bfloat16 as its uint16 bit patterns)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    import mlx.core as mx
+
+    return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+
+
+def _r16(lib: str, a: np.ndarray) -> np.ndarray:
+    """float32 ``a`` rounded to the 16-bit dtype ``LayerStore`` holds sinks and window of a float32
+    input in (numpy: float16; torch, mlx: bfloat16, rounded here by torch), widened to float32."""
+    if lib == "numpy":
+        return a.astype(np.float16).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a)).bfloat16().float().numpy()
 
 
 def _dtype_name(x) -> str:
@@ -240,9 +266,11 @@ def test_uniform_through_the_store(lib):
     assert store.encoded_tokens == e
     assert parts["codes"] == e * 2 * 3 * (32 + 16)
     assert parts["scale"] == parts["zero"] == e * 2 * 3 * 4 * 2 * 2  # 4 groups, fp16, K and V
+    # sinks and window held in 16 bits (2 bytes per element) for this float32 input, K and V
+    assert parts["sinks"] == 2 * 2 * 3 * D * 2 * 2 and parts["window"] == 4 * 2 * 3 * D * 2 * 2
     assert sum(parts.values()) == sum(
-        _np(a).nbytes for a in (store.sink_k, store.sink_v, store.win_k, store.win_v)) + sum(
-        _np(b).nbytes for h in (store.hist_k, store.hist_v) for b in h.buffers.values())
+        _raw(a).nbytes for a in (store.sink_k, store.sink_v, store.win_k, store.win_v)) + sum(
+        _raw(b).nbytes for h in (store.hist_k, store.hist_v) for b in h.buffers.values())
 
 
 # ----------------------------------------------------------------------------- a third method
@@ -332,14 +360,17 @@ def test_third_method_through_the_store(lib, sign_method):
     parts = store.nbytes()
     assert parts["codes"] == e * b * h * 8 * 2 and parts["rms"] == e * b * h * 2 * 2
     assert parts["other"] == 0 and set(parts) == {"codes", "rms", "spare", "sinks", "window", "other"}
+    # (sinks and window are held in 16 bits; tokens leaving the window are encoded from those)
+    k16 = _r16(lib, k)
     held = store.hist_k.parts()
-    np.testing.assert_array_equal(_np(held["codes"]), _np(packing.pack((k[:, :, 2:2 + e] > 0).astype(np.uint8), 1)))
+    np.testing.assert_array_equal(_np(held["codes"]), _np(packing.pack((k16[:, :, 2:2 + e] > 0).astype(np.uint8), 1)))
     # the reference path decodes the codec's fields ...
     keys, values = (_np(a) for a in view.dense(kk.dtype, vv.dtype))
     assert keys.shape == (b, h, 40, D)
-    np.testing.assert_array_equal(keys[:, :, 35:], k[:, :, 35:])
-    np.testing.assert_array_equal(keys[:, :, :2], k[:, :, :2])
-    rms = np.sqrt(np.mean(k[:, :, 2:31].astype(np.float64) ** 2, -1, keepdims=True))
+    np.testing.assert_array_equal(keys[:, :, 35:], k[:, :, 35:])  # this call's own: as given
+    np.testing.assert_array_equal(keys[:, :, :2], k16[:, :, :2])  # sinks: rounded to 16 bits, exactly
+    np.testing.assert_array_equal(keys[:, :, 31:35], k16[:, :, 31:35])  # window: likewise
+    rms = np.sqrt(np.mean(k16[:, :, 2:31].astype(np.float64) ** 2, -1, keepdims=True))
     np.testing.assert_allclose(keys[:, :, 2:31], np.where(k[:, :, 2:31] > 0, 1, -1) * rms, rtol=1e-3)
     # ... and attention over it (the decoded space the Codec base class gives) agrees with it
     q = rng.standard_normal((b, hq, 5, D)).astype(np.float32)

@@ -4,7 +4,7 @@ attention over the codes, no ``bits`` attribute, agreement with the torch backen
 An unpatched model gets dense K/V from the cache (the history decoded: the reference path);
 ``tq_core.patch`` wraps the ``scaled_dot_product_attention`` of the model's module, which then
 attends over what each compressed layer holds (``View.attend``: the fast path). Both must give the
-same greedy tokens and logits to float32 rounding.
+same greedy tokens and logits to float32 rounding (see ``N_FAST`` on how their codes drift apart).
 
 The mlx[cpu] wheel computes matmuls with a slow reference BLAS (~0.15 s of CPU per generated
 token for SmolLM2-135M, ~130 s for a 1024-token forward pass), so prompts are a few tokens, few
@@ -313,8 +313,14 @@ def test_cache_returns_dense_unless_patched(mlx_model):
     keys, values = c.update_and_fetch(k[:, :, 7:], v[:, :, 7:])
     assert keys.shape == values.shape == (1, KV_HEADS, 10, HEAD_DIM) and c.view is None
     dense = np.array(keys)
-    np.testing.assert_array_equal(dense[:, :, 3:], np.array(k[:, :, 3:]))
+    # sinks and window as held (the float32 originals rounded to bfloat16, exactly); this call's own
+    # tokens as given
+    k16 = np.array(k.astype(mx.bfloat16).astype(mx.float32))
+    np.testing.assert_array_equal(dense[:, :, :2], k16[:, :, :2])
+    np.testing.assert_array_equal(dense[:, :, 3:7], k16[:, :, 3:7])
+    np.testing.assert_array_equal(dense[:, :, 7:], np.array(k[:, :, 7:]))
     assert np.any(dense[:, :, 2] != np.array(k[:, :, 2]))  # token 2 left the window: decoded
+    assert np.any(dense[:, :, 2] != k16[:, :, 2])
     tq_core.patch(model, config=cfg)
     try:
         fast = tqm.make_cache(model, cfg)[0]
@@ -336,8 +342,11 @@ def test_cache_returns_dense_unless_patched(mlx_model):
 
 
 N_FAST = 24
-# See tests/test_hf_cache.py: free-running generation is compared for TurboQuant (codes do not flip
-# with float32 rounding); uniform's attention over the codes is held to the reference on shared codes.
+# See tests/test_hf_cache.py: free-running generation is compared for TurboQuant; uniform's attention
+# over the codes is held to the reference on shared codes. Sinks and window are held in bfloat16 for
+# this float32 model, so the two paths' codes drift apart here too (measured after 24 tokens:
+# K4V2+s0w0 6751 of 72000 K code bytes differ, K3V2+s4w8 243 of 36720), yet the greedy tokens agree;
+# should they part, compare on shared codes as tests/test_hf_cache.py does.
 GEN_LABELS = ["K4V2+s0w0", "K3V2+s4w8"]
 FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0"]
 

@@ -4,6 +4,11 @@ The statistics tests build log-prob arrays by hand, so every expected number is 
 form. The cache tests use a tiny random Llama (2 layers, head_dim 32), not the real model, so they
 take about a second: transformers' through the torch-cpu host, mlx-lm's through the mlx host
 (``harness.hosts``), each wrapped in a ``hosts.Model``.
+
+A compressed cache holds sinks and window in 16 bits (``tq_core.kvstore``): a 16-bit model's exactly
+as computed, a float32 model's rounded to bfloat16. So the checks that a compressed cache which
+never encodes anything (or a fork from the baseline) computes exactly what the baseline does use the
+tiny models in bfloat16 (``tiny16``, ``tiny_mlx16``); float32 models do not fork.
 """
 
 from __future__ import annotations
@@ -165,6 +170,33 @@ def tiny():
     return hosts.get("torch-cpu"), hosts.Model(model, None, None, geometry(cfg)), ids
 
 
+@pytest.fixture(scope="module")
+def tiny16(tiny):
+    """``tiny`` in bfloat16 (a copy; same weights rounded, same ids): a compressed cache holds its
+    sinks and window exactly as computed."""
+    import copy
+
+    import torch
+
+    host, m, ids = tiny
+    model = copy.deepcopy(m.model).to(torch.bfloat16)
+    m16 = hosts.Model(model, None, None, m.geometry)
+    assert host.holds_window_exactly(m16) and not host.holds_window_exactly(m)
+    return host, m16, ids
+
+
+def _count_forks(monkeypatch, host) -> list:
+    """Wrap ``host.fork`` (this test only): the list receives the ``upto`` of every fork."""
+    calls, original = [], host.fork
+
+    def fork(m, base_cache, config, upto=None, reserve=0):
+        calls.append(upto)
+        return original(m, base_cache, config, upto=upto, reserve=reserve)
+
+    monkeypatch.setattr(host, "fork", fork)
+    return calls
+
+
 def test_baseline_chunked_equals_single_pass(tiny):
     host, m, ids = tiny
     single = scoring.logprobs(host, m, ids, None, Protocol(len(ids), len(ids)))
@@ -195,12 +227,24 @@ def test_one_chunk_never_reads_the_cache(tiny):
     np.testing.assert_allclose(lp, single, atol=2e-5)
 
 
-def test_window_covers_history_matches_baseline(tiny):
-    """Sinks + window longer than the text: nothing is ever encoded, decode equals the baseline."""
-    host, m, ids = tiny
+def test_window_covers_history_matches_baseline(tiny16):
+    """Sinks + window longer than the text: nothing is ever encoded, decode equals the baseline
+    (a 16-bit model: the window holds its K/V exactly as computed)."""
+    host, m, ids = tiny16
     base = scoring.logprobs(host, m, ids, None, Protocol(len(ids), 1))
     lp = scoring.logprobs(host, m, ids, CacheConfig(sinks=4, window=len(ids)), Protocol(len(ids), 1))
     np.testing.assert_allclose(lp, base, atol=2e-5)
+
+
+def test_window_covers_history_float32_model_differs_by_rounding_only(tiny):
+    """A float32 model's window is held in bfloat16: nothing is encoded, and the scoring differs
+    from the baseline by that rounding only (measured KLD 2e-8, max |d logprob| 8e-4)."""
+    host, m, ids = tiny
+    base = scoring.logprobs(host, m, ids, None, Protocol(len(ids), 1))
+    lp = scoring.logprobs(host, m, ids, CacheConfig(sinks=4, window=len(ids)), Protocol(len(ids), 1))
+    np.testing.assert_allclose(lp[0], base[0], atol=2e-5)  # the first token reads only itself
+    assert np.abs(lp - base).max() > 0  # the window really is rounded
+    assert scoring.compare(base, lp, ids)["kld_mean"] < 1e-6
 
 
 def test_return_cache_reports_held_bytes(tiny):
@@ -209,12 +253,13 @@ def test_return_cache_reports_held_bytes(tiny):
     config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
     lp, cache = scoring.logprobs(host, m, ids, config, Protocol(n, 1), return_cache=True)
     held = scoring.held_bytes(host, cache)
-    # n - 1 tokens were fed (the last one is never scored); 2 sinks + 8 window in float32.
+    # n - 1 tokens were fed (the last one is never scored); 2 sinks + 8 window held in 16 bits
+    # (bfloat16: 2 bytes) although the model computes in float32.
     cfg = m.model.config
     heads_layers = cfg.num_hidden_layers * cfg.num_key_value_heads
     enc = (n - 1) - 10
     per_vec = 32 * 4 // 8 + 32 * 2 // 8 + 2 * 2
-    assert held["total"] == heads_layers * (enc * per_vec + 10 * 32 * 2 * 4)
+    assert held["total"] == heads_layers * (enc * per_vec + 10 * 32 * 2 * 2)
     assert held["tokens"] == n - 1
     base_lp, base_cache = scoring.logprobs(host, m, ids, None, Protocol(n, 1), return_cache=True)
     assert scoring.held_bytes(host, base_cache)["total"] == heads_layers * (n - 1) * 32 * 2 * 4
@@ -223,14 +268,34 @@ def test_return_cache_reports_held_bytes(tiny):
 @pytest.mark.parametrize("config, chunk", [(CacheConfig(sinks=2, window=8), 1), (CacheConfig(sinks=2, window=8), 4),
                                            (CacheConfig(sinks=0, window=0), 1)],
                          ids=["s2w8-chunk1", "s2w8-chunk4", "plain-chunk1"])
-def test_fork_from_baseline_is_exact(tiny, config, chunk):
-    """Starting the compressed cache from the baseline's first sinks+window K/V changes nothing."""
-    host, m, ids = tiny
+def test_fork_from_baseline_is_exact(tiny16, config, chunk, monkeypatch):
+    """Starting the compressed cache from the baseline's first sinks+window K/V changes nothing
+    (a 16-bit model, whose sinks and window the cache holds exactly as computed)."""
+    host, m, ids = tiny16
     p = Protocol(len(ids), chunk)
     base = scoring.logprobs(host, m, ids, None, p, return_cache=True)
     full = scoring.logprobs(host, m, ids, config, p)
+    forks = _count_forks(monkeypatch, host)
     forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
-    assert scoring.fork_point(config, p) == (min(config.sinks + config.window, len(ids) - 1) // chunk) * chunk
+    f = scoring.fork_point(config, p)
+    assert f == (min(config.sinks + config.window, len(ids) - 1) // chunk) * chunk
+    assert forks == ([f] if f else [])  # it really forked (where there is anything to skip)
+    np.testing.assert_array_equal(forked, full)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_float32_model_scoring_does_not_fork(tiny, chunk, monkeypatch):
+    """A float32 model's sinks and window are held in bfloat16, not as the baseline computed them:
+    ``fork_from`` is ignored, and the scoring is exactly the unforked one."""
+    host, m, ids = tiny
+    config, p = CacheConfig(sinks=2, window=8), Protocol(len(ids), chunk)
+    assert not host.holds_window_exactly(m)
+    assert scoring.fork_point(config, p) > 0  # a 16-bit model would fork here
+    base = scoring.logprobs(host, m, ids, None, p, return_cache=True)
+    full = scoring.logprobs(host, m, ids, config, p)
+    forks = _count_forks(monkeypatch, host)
+    forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
+    assert forks == []
     np.testing.assert_array_equal(forked, full)
 
 
@@ -244,18 +309,24 @@ def test_fork_from_rejects_a_foreign_baseline(tiny):
         scoring.logprobs(host, m, ids, CacheConfig(sinks=2, window=8), p, fork_from=base[0])
 
 
-def test_simulated_mode_quantizes_the_chunk_itself(tiny):
+@pytest.mark.parametrize("model", ["float32", "bfloat16"])
+def test_simulated_mode_quantizes_the_chunk_itself(tiny, tiny16, model):
     """Simulated mode: a chunk's own K/V are quantized too, so one chunk no longer equals the baseline."""
-    host, m, ids = tiny
+    host, m, ids = tiny16 if model == "bfloat16" else tiny
     n = len(ids)
     plain = CacheConfig(sinks=0, window=0)
     cache_mode = scoring.logprobs(host, m, ids, plain, Protocol(n, n))
     sim = scoring.logprobs(host, m, ids, plain, Protocol(n, n, "simulated"))
     assert np.abs(sim - cache_mode).max() > 1e-3
-    # With a window covering the text nothing is ever encoded, simulated or not.
+    # With a window covering the text nothing is ever encoded, simulated or not: a 16-bit model's
+    # window is its K/V as computed; a float32 model's is rounded to bfloat16 (simulated mode reads
+    # the chunk as stored), which alone moves it (measured KLD 3e-8, max |d logprob| 1.2e-3).
     wide = CacheConfig(sinks=0, window=n)
-    np.testing.assert_allclose(scoring.logprobs(host, m, ids, wide, Protocol(n, n, "simulated")), cache_mode,
-                               atol=2e-5)
+    wide_lp = scoring.logprobs(host, m, ids, wide, Protocol(n, n, "simulated"))
+    if model == "bfloat16":
+        np.testing.assert_allclose(wide_lp, cache_mode, atol=2e-5)
+    else:
+        assert scoring.compare(cache_mode, wide_lp, ids)["kld_mean"] < 1e-6
 
 
 # ---- the same through mlx-lm (tiny random Llama) --------------------------------------------------
@@ -275,8 +346,27 @@ def tiny_mlx():
     return hosts.get("mlx"), hosts.Model(model, None, None, geometry(args)), ids
 
 
-def test_mlx_fork_is_exact_and_bytes_are_counted(tiny_mlx):
+@pytest.fixture(scope="module")
+def tiny_mlx16(tiny_mlx):
+    """``tiny_mlx``'s Llama (same seed, same ids) in bfloat16: a compressed cache holds its sinks and
+    window exactly as computed."""
+    import mlx.core as mx
+    import mlx_lm.models.llama as llama
+
+    from harness.identity import geometry
+
     host, m, ids = tiny_mlx
+    mx.random.seed(0)
+    model = llama.Model(m.model.args)
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    m16 = hosts.Model(model, None, None, geometry(m.model.args))
+    assert host.holds_window_exactly(m16) and not host.holds_window_exactly(m)
+    return host, m16, ids
+
+
+def test_mlx_fork_is_exact_and_bytes_are_counted(tiny_mlx16, monkeypatch):
+    host, m, ids = tiny_mlx16
     n = len(ids)
     p = Protocol(n, 1)
     config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
@@ -284,11 +374,34 @@ def test_mlx_fork_is_exact_and_bytes_are_counted(tiny_mlx):
     single = scoring.logprobs(host, m, ids, None, Protocol(n, n))
     assert scoring.compare(single, base[0], ids)["kld_mean"] < 1e-6
     full, cache = scoring.logprobs(host, m, ids, config, p, return_cache=True)
+    forks = _count_forks(monkeypatch, host)
     forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
+    assert forks == [scoring.fork_point(config, p)] == [10]  # it really forked
     np.testing.assert_array_equal(forked, full)
     assert scoring.compare(base[0], full, ids)["kld_mean"] > 1e-5  # it reads the codes
     held = scoring.held_bytes(host, cache)
     enc = (n - 1) - 10
     assert held["tokens"] == n - 1 and held["channels"] == 2 * 2 * 64
     assert held["codes"] + held["norms"] == 2 * 2 * enc * (16 + 8 + 4)
-    assert held["sinks"] + held["window"] == 2 * 2 * 10 * 64 * 4  # float32 model
+    assert held["sinks"] + held["window"] == 2 * 2 * 10 * 64 * 2  # bfloat16 model: 2 bytes
+
+
+def test_mlx_float32_model_scoring_does_not_fork(tiny_mlx, monkeypatch):
+    """A float32 model's sinks and window are held in bfloat16 (2 bytes, not 4): ``fork_from`` is
+    ignored, and the scoring is exactly the unforked one."""
+    host, m, ids = tiny_mlx
+    n = len(ids)
+    p = Protocol(n, 1)
+    config = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=8)
+    assert not host.holds_window_exactly(m)
+    assert scoring.fork_point(config, p) == 10  # a 16-bit model would fork here
+    base = scoring.logprobs(host, m, ids, None, p, return_cache=True)
+    full, cache = scoring.logprobs(host, m, ids, config, p, return_cache=True)
+    forks = _count_forks(monkeypatch, host)
+    forked = scoring.logprobs(host, m, ids, config, p, fork_from=base)
+    assert forks == []
+    np.testing.assert_array_equal(forked, full)
+    assert scoring.compare(base[0], full, ids)["kld_mean"] > 1e-5  # it reads the codes
+    held = scoring.held_bytes(host, cache)
+    assert held["codes"] + held["norms"] == 2 * 2 * ((n - 1) - 10) * (16 + 8 + 4)
+    assert held["sinks"] + held["window"] == 2 * 2 * 10 * 64 * 2  # float32 model, held in bfloat16
