@@ -7,6 +7,7 @@
     nox -s metal    the suites on MLX / Apple silicon   -> reports/metal/index.html
     nox -s mlx      the suites on MLX on CPU (Linux CI) -> reports/mlx/index.html
     nox -s report   the nightly site from reports/results/ -> reports/site/index.html
+    nox -s selftest planted defects (harness/selftest.py): every one must make a suite fail (~5 min, CPU)
 
 Extra arguments go to pytest: ``nox -s cuda -- -m "not nightly"``. Hardware sessions run by
 default only where their hardware exists; asking for a missing one is an error.
@@ -140,3 +141,13 @@ def report(session: nox.Session) -> None:
     """The nightly site: every results file under reports/results -> reports/site/index.html."""
     session.install("-e", ".[report]")
     session.run("tq", "report", *session.posargs)
+
+
+@nox.session
+def selftest(session: nox.Session) -> None:
+    """Planted defects: a selection of the default tier runs once clean (the control, which must
+    pass) and once per defect planted through a public seam (harness/selftest.py); prints which
+    suite caught which defect and fails if the control fails or any defect goes unseen. CPU only;
+    ``nox -s selftest -- --defect never-compresses`` runs one."""
+    install(session, "torch", MLX_EXTRA, "dev")
+    session.run("python", "-m", "harness.selftest", *session.posargs, env=_env())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,9 +12,16 @@ import pytest
 MODEL_TIMEOUT = 300  # s; one mlx compare on a loaded 2-core CPU took ~50 s
 
 
-def tq(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def tq(*args: str, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m tq_core.cli ARGS``; ``env`` adds to (or, with a None value, removes from) the environment."""
+    full = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
     return subprocess.run([sys.executable, "-m", "tq_core.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=full, cwd=cwd)
 
 
 def _default_model_or_skip():
@@ -161,3 +169,91 @@ def test_run_with_a_config_label():
     assert "[uniform:K4V2+s0w0 torch]" in r.stderr
     r = tq("run", "--config", "K4V9")
     assert r.returncode == 2 and r.stderr.splitlines() == ["tq: error: config label 'K4V9': bits_v must be an int in 1..8, got 9"]
+
+
+# ----------------------------------------------------------------------------- hardening (issue G)
+
+
+def one_error_line(r, *words):
+    """Exit 2, no traceback, nothing on stdout, one stderr line ``tq: error: ...`` holding ``words``,
+    and no model was loaded (the check came first)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "Loading weights" not in r.stderr, "the model loaded before the input was checked"
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("tq: error: "), lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert r.stdout == ""
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--device", "foo"], ("--device must be cpu, cuda, cuda:<index> or mps", "'foo'")),
+    (["compare", "--device", ""], ("--device must be",)),
+    (["run", "--device", "cuda:x"], ("--device must be",)),
+    (["run", "--max-new-tokens", "0"], ("--max-new-tokens", "must be an int >= 1, got 0")),
+    (["compare", "--max-new-tokens", "-3"], ("--max-new-tokens", "must be an int >= 1, got -3")),
+    (["run", "--max-new-tokens", "many"], ("--max-new-tokens", "must be an int >= 1, got 'many'")),
+    (["run", "--backend", "mlx", "--device", "cuda"], ("--device applies to --backend torch only",)),
+])
+def test_cli_refuses_before_loading(args, words):
+    """Finding 8: bad --device / --max-new-tokens were found only inside the model load (a torch
+    traceback) or after it; now one line, exit 2, before anything loads."""
+    one_error_line(tq(*args), *words)
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_cli_device_cuda_without_a_gpu(device):
+    one_error_line(tq("run", "--device", device), f"--device {device}: no CUDA device here", "--device cpu")
+
+
+def test_cli_model_that_does_not_exist():
+    """Finding 8: a hub id that is neither a folder nor in the HF cache was a transformers traceback."""
+    r = tq("run", "--model", "org/not-a-model", env={"HF_HUB_OFFLINE": "1"})
+    one_error_line(r, "model 'org/not-a-model' is not a local folder", "Hugging Face hub id")
+
+
+@pytest.mark.parametrize("cache_dir", ["/etc/passwd", "/etc/passwd/sub"])
+def test_cli_cache_dir_that_is_a_file(cache_dir):
+    """Finding 8: TQ_CACHE_DIR naming a file was a NotADirectoryError traceback; ``tq info`` says it."""
+    one_error_line(tq("run", env={"TQ_CACHE_DIR": cache_dir}), f"TQ_CACHE_DIR={cache_dir} is not a folder")
+    r = tq("info", env={"TQ_CACHE_DIR": cache_dir})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"^cache folder: unusable \(TQ_CACHE_DIR=.* is not a folder", r.stdout, re.M), r.stdout
+
+
+def test_cli_report_out_is_a_file(tmp_path):
+    """Finding 8: ``tq report --out <a file>`` was a NotADirectoryError traceback."""
+    target = tmp_path / "site.html"
+    target.write_text("mine")
+    one_error_line(tq("report", "--out", str(target)), f"--out {target} is a file")
+    assert target.read_text() == "mine"
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    one_error_line(tq("report", "--results", str(results), "--out", str(tmp_path / "site")),
+                   f"--results {results} is a file")
+
+
+def test_cli_info_reports_an_unusable_mlx(tmp_path):
+    """Finding 8: MLX installed without its CPU backend (``import mlx.core`` fails: libmlx.so
+    missing) made ``tq info`` fail as a whole; now that backend's line says it is unusable."""
+    fake = tmp_path / "mlx"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text("raise ImportError('libmlx.so: cannot open shared object file: "
+                                  "No such file or directory')\n")
+    r = tq("info", env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    lines = r.stdout.splitlines()
+    line = next(x for x in lines[lines.index("backends:"):] if x.startswith("  mlx "))
+    assert "unusable: ImportError: libmlx.so: cannot open shared object file" in line, line
+    assert re.search(r"^  torch  cpu", r.stdout, re.M) and "codebooks:" in r.stdout

@@ -15,6 +15,8 @@ against 2 * 64 * 2 = 256 for an fp16 K/V pair (ratio 0.203).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -732,3 +734,249 @@ def test_reorder_cache_on_filled_cache(hf_model, corpus_ids):
             assert torch.equal(x[0], x[1])
         assert layer.store.encoded_tokens == 24 - 2 - 4
     assert cache.get_seq_length() == 24
+
+
+# ------------------------------------------------------------------ hardening (issue G)
+
+
+def _tiny_llama(dtype=torch.float32):
+    """A 2-layer random Llama (GQA 4 on 2, head_dim 32) in ``dtype``: generation costs milliseconds."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=512, initializer_range=0.2, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def _tiny_ids(rows=1, n=12, seed=1):
+    return torch.randint(3, 97, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny_greedy(model, ids, n, mask=None, **kwargs):
+    kwargs.setdefault("pad_token_id", 0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture
+def stores_made(monkeypatch):
+    """Every LayerStore built while the test runs (the integrations' caches build them lazily)."""
+    made = []
+    original = kvstore.LayerStore.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(kvstore.LayerStore, "__init__", init)
+    return made
+
+
+def _module_state() -> dict:
+    """Size of every container and functools cache held at module level by tq_core's modules."""
+    import sys
+
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("tq_core") or mod is None:
+            continue
+        for attr, value in vars(mod).items():
+            info = getattr(value, "cache_info", None)
+            if callable(info):
+                out[f"{name}.{attr}"] = info().currsize
+            elif isinstance(value, (dict, list, set)) and not attr.startswith("__"):
+                out[f"{name}.{attr}"] = len(value)
+    return out
+
+
+def _live_tensors() -> tuple[int, int]:
+    """(count, bytes) of the torch tensors alive in the process, after a full collection."""
+    import gc
+
+    gc.collect()
+    ts = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]  # type(): no __class__ hooks
+    return len(ts), sum(t.nbytes for t in ts if not t.is_meta)
+
+
+def test_30_patched_generates_hold_no_more_memory(hf_model):
+    """Finding 1: every patched generate() pinned ~3 MB of rotation constants in a module-level
+    cache keyed by id(). Constants now belong to each quantizer: 30 patched generate() calls (each
+    encoding history, so each builds quantizers) leave no tensor and no module-level entry behind."""
+    model, tokenizer = hf_model
+    inputs = _prompt(tokenizer)
+    tq_core.patch(model, config="K4V2+s2w4")  # a 4-token window: every call encodes history
+    try:
+        for _ in range(3):  # warm-up: lazily built, process-wide things (kernels, codebooks) exist now
+            _greedy(model, tokenizer, inputs, 2)
+        state, (count, nbytes) = _module_state(), _live_tensors()
+        for _ in range(30):
+            _greedy(model, tokenizer, inputs, 2)
+        state_after, (count_after, nbytes_after) = _module_state(), _live_tensors()
+    finally:
+        tq_core.unpatch(model)
+    grown = {k: (state.get(k), v) for k, v in state_after.items() if v != state.get(k)}
+    assert not grown, f"module-level state grew over 30 patched generate() calls: {grown}"
+    assert count_after <= count, f"{count_after - count} more live tensors after 30 patched generate() calls"
+    assert nbytes_after <= nbytes, f"{nbytes_after - nbytes} more bytes of live tensors after 30 calls"
+
+
+def test_deepcopy_of_patched_model_generates_with_its_own_weights():
+    """Finding 2: the patched generate was a closure over the original model, which deepcopy copies
+    as is: the copy generated with the original's weights. Now the copy's generate is its own."""
+    import copy
+
+    model = _tiny_llama()
+    config = CacheConfig.parse("K4V2+s2w4")
+    tq_core.patch(model, config=config)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-1.0)  # other weights: other tokens
+    ids = _tiny_ids()
+    own = _tiny_greedy(twin, ids, 12)
+    expected = _tiny_greedy(twin, ids, 12, **{hf.cache_kwarg(twin): hf.make_cache(twin, config)})
+    assert torch.equal(own, expected), "the copy did not generate with its own weights"
+    assert not torch.equal(own, _tiny_greedy(model, ids, 12))
+    assert patched_config(twin) == config and twin.generate.model is twin
+    tq_core.unpatch(twin)
+    assert patched_config(model) == config and model.generate.model is model  # the original keeps its patch
+    tq_core.unpatch(model)
+
+
+@pytest.mark.parametrize("label", ["K4V2+s4w8", "K4V2+s0w0", "uniform:K4V2+s2w4"])
+def test_float64_model_generates_past_the_window(label, stores_made):
+    """Finding 6: a float64 model is supported: it generates past sinks + window (the history is
+    encoded from the 16-bit residual it held), over the codes and on the reference path alike."""
+    model = _tiny_llama(torch.float64)
+    ids = _tiny_ids(n=10)
+    cache = hf.TurboQuantCache(model.config, config=CacheConfig.parse(label))
+    reference = _tiny_greedy(model, ids, 40, **{hf.cache_kwarg(model): cache})
+    tq_core.patch(model, config=label)
+    try:
+        fast = _tiny_greedy(model, ids, 40)
+    finally:
+        tq_core.unpatch(model)
+    assert fast.shape == reference.shape == (1, 40)
+    stores = stores_made[-2:]  # the patched call's two layers
+    assert all(s.encoded_tokens == 10 + 40 - 1 - s.sinks - s.config.window for s in stores)
+    dense = stores[0].snapshot().dense(torch.float64, torch.float64)
+    assert dense[0].dtype == torch.float64 and bool(torch.isfinite(dense[0]).all())
+    assert (fast == reference).float().mean() >= 0.9, (fast, reference)
+
+
+def test_user_cache_is_never_replaced(hf_model, update_spy):
+    """Finding 7: a cache the caller passes, under either name transformers accepts, is the one
+    generate uses (5.24 names it ``cache=`` and still takes ``past_key_values=``)."""
+    model, tokenizer = hf_model
+    inputs = _prompt(tokenizer)
+    tq_core.patch(model, bits_k=4, bits_v=2)
+    try:
+        # past_key_values= on every version (deprecated on 5.24), cache= where the model takes it
+        for name in dict.fromkeys(("past_key_values", hf.cache_kwarg(model))):
+            update_spy.clear()
+            dyn = hf.dynamic_cache(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is deprecated in 5.24
+                _greedy(model, tokenizer, inputs, 2, **{name: dyn})
+            assert dyn.get_seq_length() == inputs["input_ids"].shape[1] + 1, f"{name}= cache was not used"
+            assert not update_spy, f"{name}= cache was replaced by a compressed one"
+    finally:
+        tq_core.unpatch(model)
+
+
+def test_use_cache_false_does_not_compress(hf_model, stores_made):
+    """Finding 7: ``use_cache=False`` (argument or generation config) generates without a cache,
+    patched or not: nothing is compressed, and the tokens are the unpatched model's."""
+    model, tokenizer = hf_model
+    inputs = _prompt(tokenizer)
+    plain = _greedy(model, tokenizer, inputs, 3, use_cache=False)
+    tq_core.patch(model, config="K4V2+s0w0")
+    try:
+        assert _greedy(model, tokenizer, inputs, 3, use_cache=False) == plain
+        gen = copy_generation_config(model, use_cache=False)
+        assert _greedy(model, tokenizer, inputs, 3, generation_config=gen) == plain
+        assert not stores_made, "use_cache=False still built compressed layer stores"
+        _greedy(model, tokenizer, inputs, 1)
+        assert stores_made  # while the default still compresses
+    finally:
+        tq_core.unpatch(model)
+
+
+def copy_generation_config(model, **changes):
+    import copy
+
+    gen = copy.deepcopy(model.generation_config)
+    for k, v in changes.items():
+        setattr(gen, k, v)
+    return gen
+
+
+LEFT = "Tell me a story about"  # the short row, left-padded to the long one
+
+
+def _left_padded(tokenizer):
+    long = tokenizer(PROMPT)["input_ids"]
+    short = tokenizer(LEFT)["input_ids"]
+    pad = len(long) - len(short)
+    ids = torch.tensor([long, [tokenizer.eos_token_id] * pad + short])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask, pad
+
+
+def test_left_padded_batch_sinks_are_the_first_real_tokens(hf_model, stores_made):
+    """Finding 9: in a left-padded batch each row's sinks are its first real tokens, not padding:
+    the sink region holds the padding plus ``sinks`` tokens, and the short row's sinks equal those
+    of the same prompt generated alone; the short row generates what it generates alone."""
+    model, tokenizer = hf_model
+    ids, mask, pad = _left_padded(tokenizer)
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=4)
+    tq_core.patch(model, config=cfg)
+    try:
+        batch = _tiny_greedy(model, ids, 6, mask=mask, pad_token_id=tokenizer.eos_token_id)
+        batch_stores = list(stores_made)
+        stores_made.clear()
+        alone = _tiny_greedy(model, ids[1:, pad:], 6, pad_token_id=tokenizer.eos_token_id)
+        alone_stores = list(stores_made)
+    finally:
+        tq_core.unpatch(model)
+    assert len(batch_stores) == len(alone_stores) == LAYERS
+    for b, a in zip(batch_stores, alone_stores):
+        assert b.lead == pad and b.sink_k.shape[2] == pad + cfg.sinks
+        assert b.encoded_tokens > 0 and a.encoded_tokens > 0
+        torch.testing.assert_close(b.sink_k[1:, :, pad:].float(), a.sink_k.float(), atol=0.05, rtol=0.02)
+    assert batch[1].tolist() == alone[0].tolist()
+
+
+def test_untold_left_padding_is_refused(hf_model):
+    """Finding 9: a cache built by hand for a left-padded batch (its sinks would hold padding) is
+    refused by attention over the codes with one error naming ``left_padding``; told, it works."""
+    model, tokenizer = hf_model
+    ids, mask, pad = _left_padded(tokenizer)
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=4)
+    tq_core.patch(model, config=cfg)
+    try:
+        with torch.no_grad():
+            with pytest.raises(ValueError, match=rf"left-padded batch: .* left_padding={pad}"):
+                model(ids, attention_mask=mask, use_cache=True,
+                      **{hf.cache_kwarg(model): hf.TurboQuantCache(model.config, config=cfg)})
+            told = hf.TurboQuantCache(model.config, config=cfg, left_padding=hf.left_padding(mask))
+            model(ids, attention_mask=mask, use_cache=True, **{hf.cache_kwarg(model): told})
+        assert told.layers[0].store.sink_k.shape[2] == pad + cfg.sinks
+    finally:
+        tq_core.unpatch(model)
+
+
+def test_patch_refuses_what_is_not_a_model(hf_model):
+    """Finding 10: ``patch`` on a tokenizer, a layer or a base model without generate() refuses
+    with one TypeError and leaves it untouched."""
+    model, tokenizer = hf_model
+    for thing in (tokenizer, model.model.layers[0], model.model, _tiny_llama().model):
+        before = dict(vars(thing))
+        with pytest.raises(TypeError, match="model must be a transformers"):
+            tq_core.patch(thing)
+        assert patched_config(thing) is None and "generate" not in vars(thing)
+        assert vars(thing).keys() == before.keys()

@@ -528,3 +528,68 @@ def test_bytes_1024_tokens(mlx_model, record_property):
     assert mean == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
     assert slope == pytest.approx(PER_TOKEN_HEAD, rel=0.01)
     assert abs(b1024 - PER_TOKEN_HEAD * 1024 * LAYERS * KV_HEADS) <= 4096
+
+
+# ------------------------------------------------------------------ hardening (issue G)
+
+
+def test_deepcopy_of_patched_model_makes_its_own_caches(mlx_model, prompt):
+    """Finding 2: the patched ``make_cache`` was a closure over the original model; a deep copy of a
+    patched model now makes caches for itself, counts as a user of the wrapped attention (unpatching
+    the original leaves the copy reading its codes), and generates with its own weights."""
+    import copy
+
+    from mlx.utils import tree_map
+
+    model, tokenizer = mlx_model
+    tq_core.patch(model, config="K4V2+s2w4")
+    try:
+        twin = copy.deepcopy(model)
+        assert twin.make_cache.model is twin and model.make_cache.model is model
+        assert patched_config(twin) == patched_config(model)
+        theirs = _tokens(model, tokenizer, prompt, 4)
+        twin.update(tree_map(lambda a: -a, twin.parameters()))  # other weights: other tokens
+        ours = _tokens(twin, tokenizer, prompt, 4)
+        assert ours != theirs
+        assert ours == _tokens(twin, tokenizer, prompt, 4, prompt_cache=tqm.make_cache(twin, patched_config(twin)))
+        tq_core.unpatch(model)
+        assert tqm._installed(_module(twin)), "unpatching the original unwrapped the copy's attention"
+        tq_core.unpatch(twin)
+        assert not tqm._installed(_module(model))
+    finally:
+        tq_core.unpatch(model)
+
+
+def test_patch_refuses_what_is_not_an_mlx_model(mlx_model):
+    """Finding 10: ``patch`` on mlx-lm's tokenizer, a decoder layer or the inner decoder reported
+    success; now one TypeError, and nothing is changed."""
+    model, tokenizer = mlx_model
+    for thing in (tokenizer, model.layers[0], model.model):
+        with pytest.raises(TypeError, match="model must be a"):
+            tq_core.patch(thing)
+        assert patched_config(thing) is None and "make_cache" not in vars(thing)
+    assert not tqm._installed(_module(model))
+
+
+def test_user_prompt_cache_is_used(mlx_model, prompt, update_spy):
+    """Finding 7: a ``prompt_cache=`` the caller passes to a patched model is the one generation uses."""
+    model, tokenizer = mlx_model
+    tq_core.patch(model, config="K4V2+s0w0")
+    try:
+        own = [mlx_lm.models.cache.KVCache() for _ in model.layers]
+        _tokens(model, tokenizer, prompt, 2, prompt_cache=own)
+    finally:
+        tq_core.unpatch(model)
+    assert not update_spy and own[0].offset > len(prompt)  # (mlx-lm computes a token ahead)
+
+
+def test_batch_generation_is_refused_clearly(mlx_model, prompt):
+    """Finding 9 on mlx-lm: batch generation merges per-prompt caches into one left-padded batch
+    cache; a compressed cache cannot be merged, and says so (instead of a generic error)."""
+    model, tokenizer = mlx_model
+    tq_core.patch(model, config="K4V2+s2w4")
+    try:
+        with pytest.raises(NotImplementedError, match="TurboQuantMLXCache cannot be merged into a batch"):
+            mlx_lm.batch_generate(model, tokenizer, [prompt, prompt[:3]], max_tokens=2)
+    finally:
+        tq_core.unpatch(model)

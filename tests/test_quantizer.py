@@ -432,3 +432,83 @@ def test_constants_belong_to_the_quantizer_no_module_cache():
     gc.collect()
     alive = sum(r() is not None for r in refs)
     assert alive == 0, f"{alive} of {len(refs)} constant tensors of dropped quantizers are still alive"
+
+
+# ----------------------------------------------------------------------------- hardening (issue G)
+
+LIBS = ["numpy", "torch", pytest.param("mlx", marks=needs_mlx)]
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("scale", [1e-9, 1e-6, 1e-41, 3e-5])
+def test_tiny_norms_are_refused_not_decoded_to_zeros(q128, lib, scale):
+    """Finding 10: a vector whose norm fp16 cannot hold at full precision (subnormal: < 2^-14) used to
+    decode silently to zeros (or with a wrong length); now one ValueError naming the bound. Zero
+    vectors and norms just above the bound still round-trip."""
+    x = np.random.default_rng(0).standard_normal((4, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    bad = x.copy()
+    bad[2] *= np.float32(scale)
+    with pytest.raises(ValueError, match=r"below the fp16 norm storage's normal range \(< 6.1e-05\)"):
+        q128.encode(_conv(lib, bad))
+    ok = x * np.float32(2 * 2.0 ** -14)
+    ok[1] = 0
+    dec = _np(q128.decode(q128.encode(_conv(lib, ok))))
+    np.testing.assert_allclose(np.linalg.norm(dec, axis=1), np.linalg.norm(ok, axis=1), rtol=2e-3)
+    assert q128.encode(_conv(lib, bad), check=False).norms.shape == (4,)  # the caches' unchecked path
+
+
+def _tampered(enc, lib):
+    """(description, Encoded with one field tampered, error type, message) for the decode checks."""
+    import dataclasses
+
+    codes, norms = enc.codes, enc.norms
+    conv = {"numpy": np.asarray, "torch": torch.as_tensor}.get(lib)
+    out = [
+        ("codes cut", dataclasses.replace(enc, codes=codes[:, :5]), ValueError, r"codes.shape\[-1\] must be 64"),
+        ("norms of fewer vectors", dataclasses.replace(enc, norms=norms[:2]), ValueError,
+         r"codes.shape\[:-1\] must equal norms.shape"),
+        ("norms as float32", dataclasses.replace(enc, norms=norms.astype(np.float32) if lib == "numpy"
+                                                 else (norms.float() if lib == "torch" else norms.astype(_mx().float32))),
+         TypeError, "norms must be float16, got float32"),
+        ("codes as int32", dataclasses.replace(enc, codes=codes.astype(np.int32) if lib == "numpy"
+                                               else (codes.int() if lib == "torch" else codes.astype(_mx().int32))),
+         TypeError, "codes must be uint8"),
+        ("decode dtype int", enc, TypeError, "dtype must be a floating dtype"),
+    ]
+    if conv is not None:
+        other = torch.as_tensor(np.asarray(norms)) if lib == "numpy" else np.asarray(norms.cpu())
+        out.append(("norms of another backend", dataclasses.replace(enc, norms=other), TypeError,
+                    "codes and norms must be arrays of one backend"))
+    return out
+
+
+def _mx():
+    import mlx.core as mx
+
+    return mx
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_decode_refuses_tampered_codes_and_norms(q128, lib):
+    """Finding 10: ``decode`` accepted codes/norms of the wrong shape or dtype and returned garbage."""
+    enc = q128.encode(_conv(lib, _unit(3, 128, 0).astype(np.float32)))
+    int_dtype = {"numpy": np.int32, "torch": torch.int32}.get(lib) or _mx().int32
+    for what, bad, exc, message in _tampered(enc, lib):
+        with pytest.raises(exc, match=message):
+            q128.decode(bad, dtype=int_dtype) if what == "decode dtype int" else q128.decode(bad)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_float64_input_on_every_backend(lib):
+    """Findings 6/10: torch float64 was refused while numpy float64 was accepted. Every backend takes
+    float64 now, decodes to float64, and gives numpy's codes (float64 rotation: bit-identical)."""
+    x = np.random.default_rng(3).standard_normal((16, 64))
+    q = TurboQuantizer(64, 3, seed=5, precision="float64")
+    ref = q.encode(x)
+    enc = q.encode(_mx().array(x, dtype=_mx().float64) if lib == "mlx" else _conv(lib, x))  # mx.array: float32
+    np.testing.assert_array_equal(_np(enc.codes), ref.codes)
+    np.testing.assert_array_equal(_np(enc.norms), ref.norms)
+    dec = q.decode(enc)
+    assert "float64" in str(dec.dtype)
+    np.testing.assert_allclose(_np(dec), q.decode(ref), rtol=1e-5, atol=1e-6)

@@ -3,10 +3,13 @@
     tq info
     tq run     [--model M] [--prompt P] [--config K4V2+s4w128 | --bits-k 4 --bits-v 2 ...] [--backend torch|mlx]
     tq compare [same options]      baseline and compressed outputs, match rate, first divergence
-    tq report  [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05]
+    tq report  [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05] [--dppl-regress 0.5]
+               [--noise-k 3] [--se-k 2]
                                    static site of every results file (reports/site.py)
 
-Bad input prints one line ``tq: error: ...`` and exits with status 2.
+Bad input prints one line ``tq: error: ...`` and exits with status 2, checked before a model loads
+where it can be (options, --device, --max-new-tokens, TQ_CACHE_DIR, --out); a model that cannot be
+loaded is one such line too.
 """
 
 from __future__ import annotations
@@ -33,31 +36,60 @@ def cmd_info(args) -> int:
     for dist in ("numpy", "torch", "transformers", "mlx", "mlx-lm"):
         print(f"  {dist:<13}{_version(dist)}")
     print("backends:")
-    if _version("torch") != "not installed":
-        import torch
-
-        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        print(f"  torch  cpu" + (f", cuda: {', '.join(cuda)}" if cuda else " (no CUDA device)"))
-    else:
-        print("  torch  missing: pip install 'tq-core[torch]'")
-    if _version("mlx") != "not installed":
-        import mlx.core as mx
-
-        print(f"  mlx    {mx.default_device()}")
-    else:
-        print("  mlx    missing: pip install 'tq-core[mlx]' (Apple silicon) or 'tq-core[mlx-cpu]'")
+    print(f"  torch  {_backend_line('torch', _torch_line, TORCH_HINT)}")
+    print(f"  mlx    {_backend_line('mlx', _mlx_line, MLX_HINT)}")
     from .methods import METHODS
 
     print(f"methods: {', '.join(METHODS)} (--config LABEL, e.g. K4V2+s4w128, uniform:K4V2+s4w128+g=32)")
-    print(f"codebooks: dims {', '.join(map(str, codebook.SHIPPED_DIMS))} x bits 1..8 shipped; "
-          f"others generated into {codebook.cache_dir()}")
+    try:
+        generated = f"others generated into {codebook.cache_dir()}"
+    except OSError as e:
+        generated = f"others cannot be generated ({_one_line(e)})"
+    print(f"codebooks: dims {', '.join(map(str, codebook.SHIPPED_DIMS))} x bits 1..8 shipped; {generated}")
     try:
         gguf = models.locate_gguf()
         print(f"default model: {models.DEFAULT_MODEL} ({gguf.name})")
     except FileNotFoundError as e:
-        print(f"default model: unavailable ({e})")
-    print(f"cache folder: {models.cache_dir()}")
+        print(f"default model: unavailable ({_one_line(e)})")
+    try:
+        print(f"cache folder: {models.cache_dir()}")
+    except OSError as e:
+        print(f"cache folder: unusable ({_one_line(e)})")
     return 0
+
+
+def _torch_line() -> str:
+    import torch
+
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return "cpu" + (f", cuda: {', '.join(cuda)}" if cuda else " (no CUDA device)")
+
+
+def _mlx_line() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
+
+
+TORCH_HINT = "pip install 'tq-core[torch]'"
+MLX_HINT = "pip install 'tq-core[mlx]' (Apple silicon) or 'tq-core[mlx-cpu]'"
+
+
+def _backend_line(dist: str, describe, install: str) -> str:
+    """What ``tq info`` says about one backend: its devices, missing, or installed but unusable (e.g.
+    ``pip install mlx`` on Linux without its CPU backend: libmlx.so missing), never a traceback."""
+    if _version(dist) == "not installed":
+        return f"missing: {install}"
+    try:
+        return describe()
+    except Exception as e:  # noqa: BLE001 - any import failure of a backend is reported, not raised
+        hint = " (on Linux: pip install 'mlx[cpu]')" if dist == "mlx" else ""
+        return f"unusable: {type(e).__name__}: {_one_line(e)}{hint}"
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 BACKENDS = {"torch": "hf", "mlx": "mlx_lm"}  # --backend -> the integration that runs it
@@ -71,23 +103,62 @@ def _integration(backend: str):
     return importlib.import_module(f"tq_core.integrations.{BACKENDS[backend]}")
 
 
+def _device(args) -> str | None:
+    """--device checked before anything loads: a torch device this machine has (cpu, cuda, cuda:N,
+    mps); for --backend mlx none may be given (MLX runs on its default device)."""
+    if args.backend != "torch":
+        if args.device is not None:
+            raise ValueError(f"--device applies to --backend torch only, got --device {args.device} with "
+                             f"--backend {args.backend} (MLX uses its default device)")
+        return None
+    name = "cpu" if args.device is None else args.device
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:<index> or mps, got {name!r}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
+
+
 def _load(args):
     """(model, tokenizer, integration) for --backend: the model loads once, patched per run."""
     from . import models
 
     integration = _integration(args.backend)  # a bad backend fails here, before the model loads
-    loaders = {"torch": lambda: models.load_hf(args.model, device=args.device), "mlx": lambda: models.load_mlx(args.model)}
+    device = _device(args)  # and a bad --device
+    models.cache_dir()  # and an unusable TQ_CACHE_DIR
+    loaders = {"torch": lambda: models.load_hf(args.model, device=device), "mlx": lambda: models.load_mlx(args.model)}
     model, tok = loaders[args.backend]()
     return model, tok, integration
 
 
+CONFIG_OPTIONS = ("bits_k", "bits_v", "sinks", "window", "seed")  # what --config stands for
+
+
 def _config(args):
+    """The CacheConfig of --config, or of --bits-k/--bits-v/--sinks/--window/--seed (defaults: the
+    default config's); giving both would leave one silently ignored, so it is refused."""
     from .config import CacheConfig
 
+    given = [f"--{f.replace('_', '-')}" for f in CONFIG_OPTIONS if getattr(args, f) is not None]
     if args.config is not None:
+        if given:
+            raise ValueError(f"give either --config or {', '.join(given)}, not both (--config {args.config} "
+                             f"already sets bits, sinks, window and seed)")
         return CacheConfig.parse(args.config)
-    return CacheConfig(bits_k=args.bits_k, bits_v=args.bits_v, sinks=args.sinks, window=args.window,
-                       seed=args.seed)
+    return CacheConfig(**{f: getattr(args, f) for f in CONFIG_OPTIONS if getattr(args, f) is not None})
 
 
 def _generate(model, tok, integration, ids, config, n: int):
@@ -152,6 +223,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exits 2."""
 
@@ -167,16 +248,18 @@ def cmd_report(args) -> int:
     checkout = pathlib.Path(__file__).resolve().parents[1]  # a source checkout has reports/ beside tq_core/
     if (checkout / "reports" / "site.py").is_file() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
+    if args.out is not None and pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file: give a folder for the site (new, empty or "
+                                 f"written by tq report before)")
+    if args.results is not None and pathlib.Path(args.results).exists() and not pathlib.Path(args.results).is_dir():
+        raise NotADirectoryError(f"--results {args.results} is a file: give the results folder "
+                                 f"(reports/results, with one subfolder per target)")
     try:
         from reports import site
     except ImportError as e:
         raise ImportError(f"tq report needs the repository's reports/ package and pip install 'tq-core[report]' "
                           f"({e})") from None
-    try:
-        return site.run(args)
-    except FileExistsError as e:
-        print(f"tq: error: {e}", file=sys.stderr)
-        return 2
+    return site.run(args)  # FileExistsError, a bad --kld-regress, ...: main prints one line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,36 +273,37 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--prompt", default=DEFAULT_PROMPT)
         s.add_argument("--config", default=None, help="a cache config label, e.g. K4V2+s4w128 or uniform:K4V2+s4w128 "
                                                        "(instead of --bits-k/--bits-v/--sinks/--window/--seed)")
-        s.add_argument("--bits-k", type=int, default=4)
-        s.add_argument("--bits-v", type=int, default=2)
-        s.add_argument("--sinks", type=int, default=None)
-        s.add_argument("--window", type=int, default=None)
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--bits-k", type=int, default=None, help="key code bits, 1..8 (default 4)")
+        s.add_argument("--bits-v", type=int, default=None, help="value code bits, 1..8 (default 2)")
+        s.add_argument("--sinks", type=int, default=None, help="full-precision first tokens (default 4)")
+        s.add_argument("--window", type=int, default=None, help="full-precision recent tokens (default 128)")
+        s.add_argument("--seed", type=int, default=None, help="rotation seed, >= 0 (default 0)")
         s.add_argument("--backend", default="torch", help="torch or mlx")
-        s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-        s.add_argument("--max-new-tokens", type=int, default=48)
+        s.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:N or mps")
+        s.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens, >= 1 (default 48)")
     r = sub.add_parser("report", help="static site from the results folder: latest status, trends, regressions")
     r.add_argument("--results", default=None, help="results folder (default: $TQ_RESULTS_DIR or reports/results)")
     r.add_argument("--out", default=None, help="site folder (default: reports/site)")
     r.add_argument("--kld-regress", type=float, default=0.10,
-                   help="flag mean KLD up by more than this fraction vs the previous run (default 0.10)")
+                   help="minimum effect: mean KLD up by more than this fraction (default 0.10)")
     r.add_argument("--speed-regress", type=float, default=0.05,
-                   help="flag throughput down by more than this fraction vs the previous run (default 0.05)")
+                   help="minimum effect: throughput down by more than this fraction (default 0.05)")
+    r.add_argument("--dppl-regress", type=float, default=0.5,
+                   help="minimum effect: ΔPPL up by more than this many percentage points (default 0.5)")
+    r.add_argument("--noise-k", type=float, default=3.0,
+                   help="flag only changes beyond this many times the noise of earlier commits' runs (default 3)")
+    r.add_argument("--se-k", type=float, default=2.0,
+                   help="with too few earlier runs, this many times the recorded standard error instead (default 2)")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    for field in ("sinks", "window"):
-        if getattr(args, field, 0) is None:
-            from .config import CacheConfig
-
-            setattr(args, field, getattr(CacheConfig(), field))
     handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare, "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, NotImplementedError) as e:
-        print(f"tq: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:
+        print(f"tq: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -284,8 +284,9 @@ def _parse(path: Path, dim: int) -> dict[int, Codebook]:
 
 def cache_dir() -> Path:
     """Folder for generated non-shipped dims: $TQ_CACHE_DIR or ~/.cache/tq-core, + codebooks/."""
-    root = os.environ.get("TQ_CACHE_DIR") or Path.home() / ".cache" / "tq-core"
-    return Path(root) / "codebooks"
+    from .models import cache_dir as root  # one place reads (and checks) TQ_CACHE_DIR
+
+    return root() / "codebooks"
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ token per call this is exactly generation (decode semantics).
 from __future__ import annotations
 
 from . import kernels, methods
-from .config import CacheConfig
+from .config import CacheConfig, check_count
 from .ops import for_array
 
 ATTENTION_MODES = ("auto", "ops", "reference")
@@ -101,16 +101,23 @@ class LayerStore:
         layer: layer index (selects the rotation seeds, see ``rotation.derive_seed``).
         head_dim: K vector length; ``head_dim_v``: V vector length (default: ``head_dim``).
         simulate: return every token as stored, this call's included ("simulated" scoring mode).
+        lead: positions held in full precision before the sinks, for a left-padded batch whose
+            rows start with up to ``lead`` padding positions: the sink region is then the first
+            ``lead + sinks`` positions, so every row's first ``sinks`` real tokens are sinks (rows
+            with less padding hold a few more real tokens in full precision). Applies only when
+            the config has sinks; 0 for an unpadded batch.
         attention: how ``View.attend`` reads the history: "auto" (a fused kernel for the device when
             one exists, else array ops in the method's space), "ops" (array ops only), or
             "reference" (the integrations hand attention the decoded history, ``View.dense``).
     """
 
     def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False,
-                 head_dim_v: int | None = None, attention: str = "auto"):
+                 head_dim_v: int | None = None, attention: str = "auto", lead: int = 0):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.config = config
+        check_count("lead", lead)
+        self.lead = lead if config.sinks else 0  # no sinks: padding is held like any other token
         self.simulate = simulate
         self.attention = attention
         method = methods.get(config.method)
@@ -129,12 +136,28 @@ class LayerStore:
         With ``simulate`` set, this call's own tokens are returned as stored too (quantized
         unless they are sinks or in the window): every K/V is quantized before attention.
         """
+        self._check(k, v)
         if self.simulate:
             self._store(k, v)
             return self.snapshot()
         view = self.snapshot(new=(k, v))
         self._store(k, v)
         return view
+
+    def _check(self, k, v) -> None:
+        """Shapes only (no device read): what a host library hands a layer, checked before it is held."""
+        dims = (self.codec_k.dim, self.codec_v.dim)
+        for name, x, d in (("k", k, dims[0]), ("v", v, dims[1])):
+            if getattr(x, "ndim", None) != 4 or x.shape[-1] != d:
+                raise ValueError(f"{name} must be (batch, kv_heads, tokens, {d}) for this layer, got "
+                                 f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+            raise ValueError(f"k and v must hold the same tokens: (batch, kv_heads, tokens) {tuple(k.shape[:3])} "
+                             f"vs {tuple(v.shape[:3])}")
+        held = self._held_shape()
+        if self.length and tuple(k.shape[:2]) != held:
+            raise ValueError(f"k must have the (batch, kv_heads) {held} of the tokens held, got {tuple(k.shape[:2])} "
+                             f"(reorder or select rows with select_batch)")
 
     def snapshot(self, new=None) -> "View":
         """The layer as it stands now (plus ``new`` tokens in full precision). Later stores never
@@ -144,7 +167,7 @@ class LayerStore:
 
     def reserve(self, k_like, tokens: int) -> None:
         """Preallocate the history for a cache that will hold ``tokens`` tokens in all."""
-        enc = max(0, tokens - self.config.sinks - self.config.window)
+        enc = max(0, tokens - self.sinks - self.config.window)
         if enc:
             self.hist_k.reserve(k_like, enc)
             self.hist_v.reserve(k_like, enc)
@@ -158,7 +181,7 @@ class LayerStore:
         # that is 16-bit, else bfloat16): a float32 model would otherwise pay double for them.
         k, v = ops.astype(k, ops.residual_dtype(k.dtype)), ops.astype(v, ops.residual_dtype(v.dtype))
         held = 0 if self.sink_k is None else self.sink_k.shape[2]
-        take = min(self.config.sinks - held, n)
+        take = min(self.sinks - held, n)
         if take > 0:
             self.sink_k = _append(ops, self.sink_k, k[:, :, :take])
             self.sink_v = _append(ops, self.sink_v, v[:, :, :take])
@@ -175,6 +198,11 @@ class LayerStore:
         if win_k.shape[2] == 0:
             win_k = win_v = None
         self.win_k, self.win_v = win_k, win_v
+
+    @property
+    def sinks(self) -> int:
+        """Positions the sink region holds once full: the config's sinks after ``lead`` padding."""
+        return self.config.sinks + self.lead
 
     # ---- accounting ------------------------------------------------------------------------
     def nbytes(self) -> dict:

@@ -73,10 +73,18 @@ class GGUFNotFoundError(FileNotFoundError):
 
 
 def cache_dir() -> pathlib.Path:
-    """Root of tq-core's cache: ``$TQ_CACHE_DIR`` if set, else ``~/.cache/tq-core``."""
+    """Root of tq-core's cache: ``$TQ_CACHE_DIR`` if set, else ``~/.cache/tq-core``.
+
+    Raises ``NotADirectoryError`` (one line naming the variable) when it names something that
+    exists and is not a folder; a folder that does not exist yet is created on first use."""
     env = os.environ.get("TQ_CACHE_DIR")
     if env:
-        return pathlib.Path(env).expanduser()
+        path = pathlib.Path(env).expanduser()
+        bad = next((p for p in (path, *path.parents) if p.exists()), None)
+        if bad is not None and not bad.is_dir():
+            raise NotADirectoryError(f"TQ_CACHE_DIR={env} is not a folder ({bad} is a file): point it at a "
+                                     f"folder tq-core may write to, or unset it (~/.cache/tq-core)")
+        return path
     return pathlib.Path.home() / ".cache" / "tq-core"
 
 
@@ -339,11 +347,23 @@ def load_hf(model: str | os.PathLike | None = None, *, dtype: Any = None, device
     src = ensure_local(model)  # a bad path fails here, before the slow import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=_torch_dtype(dtype))
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=_torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise _not_loadable(model, src, e) from e
     hf_model.to(device)
     hf_model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
     return hf_model, tokenizer
+
+
+def _not_loadable(model, src, e: Exception) -> FileNotFoundError:
+    """One line for a model spec that neither the local folder nor the Hugging Face cache or hub has."""
+    lines = str(e).strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else type(e).__name__
+    where = (f"the folder {src} holds no loadable model" if isinstance(src, pathlib.Path) else
+             f"{model!r} is not a local folder, and not a Hugging Face hub id found in the local cache or online")
+    return FileNotFoundError(f"model {where} ({type(e).__name__}: {first})")
 
 
 def load_mlx(model: str | os.PathLike | None = None):
@@ -355,7 +375,10 @@ def load_mlx(model: str | os.PathLike | None = None):
     import mlx_lm
 
     src = ensure_local(model)
-    loaded = mlx_lm.load(str(src))
+    try:
+        loaded = mlx_lm.load(str(src))
+    except (OSError, ValueError) as e:
+        raise _not_loadable(model, src, e) from e
     return loaded[0], loaded[1]
 
 

@@ -7,7 +7,11 @@ decode:     x_hat = s * (c[code] @ R)
 R is a seeded Haar rotation (``rotation.haar``); c and the boundaries are the Lloyd-Max codebook of
 the coordinate density of a random unit vector in R^dim (``codebook.load``), so no calibration
 data is needed. Inputs containing NaN or Inf raise ``ValueError`` (they would poison the stored
-norm silently otherwise); the KV caches encode with ``check=False`` and propagate them instead.
+norm silently otherwise), and so do vectors whose stored norm falls outside fp16's normal range
+(above 65504, or nonzero below 2^-14 = 6.1e-05, which would decode too short or as zeros; zero
+vectors are fine); the KV caches encode with ``check=False`` and propagate them instead.
+Inputs may be float16, bfloat16 (torch, mlx), float32 or float64 on every backend; decoding gives
+the input's dtype back. ``decode`` checks the arrays it is handed (backend, dtype, shape).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from .config import check_bits
 from .ops import for_array
 
 FP16_MAX = 65504.0
+# The smallest normal fp16 number: a stored norm below it keeps fewer than fp16's 11 significant
+# bits (subnormal) or becomes 0, and its vector would decode with a wrong length or as zeros.
+FP16_TINY = 2.0 ** -14
 _PRECISIONS = ("float32", "float64")
 
 
@@ -143,13 +150,27 @@ class TurboQuantizer:
         stored = norms
         if self.norm_correction:
             stored = stored / ops.norm(ops.take_rows(self.const("centroids", x, wide), codes))
-        # One reduction checks both: a NaN/Inf anywhere in a vector makes its norm NaN/Inf.
-        if check and not ops.max_all(stored) < FP16_MAX:
-            if not ops.all_finite(x):
-                raise ValueError("x must be finite: it contains NaN or Inf")
-            raise ValueError(f"x has a vector norm beyond the fp16 norm storage (>= {FP16_MAX})")
+        if check:
+            self._check_range(x, ops, ops.max_last(ops.maximum2(x, -x)), stored)  # |x_i| in its own dtype
         return Encoded(packing.pack(codes, self.bits), ops.astype(stored, ops.float16),
                        self.dim, self.bits, x.dtype, self.seed, self.norm_correction)
+
+    @staticmethod
+    def _check_range(x, ops, amax, stored) -> None:
+        """Every stored norm in fp16's normal range (zero vectors aside: ``amax``, the largest
+        ``|x_i|`` per vector, is 0), in one reduction (one host read): ``max(s / FP16_MAX,
+        FP16_TINY / s)`` is >= 1 exactly for the norms fp16 cannot hold (a norm that underflowed to 0
+        from nonzero coordinates included), and NaN/Inf anywhere in a vector makes it NaN/Inf."""
+        ratio = ops.maximum2(stored / FP16_MAX, FP16_TINY / stored)
+        if ops.max_all(ops.where(amax == 0, 0.0, ratio)) < 1.0:
+            return
+        if not ops.all_finite(x):
+            raise ValueError("x must be finite: it contains NaN or Inf")
+        if not ops.max_all(stored) < FP16_MAX:
+            raise ValueError(f"x has a vector norm beyond the fp16 norm storage (>= {FP16_MAX})")
+        raise ValueError(f"x has a nonzero vector norm below the fp16 norm storage's normal range "
+                         f"(< {FP16_TINY:.3g}): it would decode too short or as zeros; scale x up "
+                         f"(decoding is linear in the norm) or encode with check=False to accept that")
 
     def decode(self, enc: Encoded, dtype=None):
         """Decode to an array of shape ``enc.shape`` and the encoded input's dtype (or ``dtype``)."""
@@ -163,9 +184,33 @@ class TurboQuantizer:
                 f"bits={self.bits}, seed={self.seed}, norm_correction={self.norm_correction}")
         return self.decode_parts(enc.codes, enc.norms, enc.dtype if dtype is None else dtype)
 
+    def check_parts(self, codes, norms, dtype=None):
+        """The ops of ``codes``, after checking that ``codes`` (..., code_bytes) uint8 and ``norms``
+        (...,) float16 are arrays of one backend that this quantizer can have made, and that ``dtype``
+        (if given) is a floating dtype of that backend; one clear error otherwise. Shapes and dtypes
+        only: nothing is read back from a device."""
+        ops = for_array(codes)
+        if for_array(norms) is not ops:
+            raise TypeError(f"codes and norms must be arrays of one backend, got {type(codes).__name__} "
+                            f"and {type(norms).__name__}")
+        if codes.dtype != ops.uint8:
+            raise TypeError(f"codes must be uint8 (packed {self.bits}-bit codes), got {ops.dtype_name(codes.dtype)}")
+        if norms.dtype != ops.float16:
+            raise TypeError(f"norms must be float16, got {ops.dtype_name(norms.dtype)}")
+        if codes.ndim < 1 or codes.shape[-1] != self.code_bytes:
+            raise ValueError(f"codes.shape[-1] must be {self.code_bytes} (dim={self.dim} codes of "
+                             f"{self.bits} bits, packed), got shape {tuple(codes.shape)}")
+        if tuple(codes.shape[:-1]) != tuple(norms.shape):
+            raise ValueError(f"codes and norms must hold the same vectors: codes.shape[:-1] must equal "
+                             f"norms.shape, got {tuple(codes.shape)} and {tuple(norms.shape)}")
+        if dtype is not None and dtype not in ops.FLOAT_DTYPES:
+            allowed = ", ".join(ops.dtype_name(d) for d in ops.FLOAT_DTYPES)
+            raise TypeError(f"dtype must be a floating dtype of {ops.NAME} ({allowed}), got {dtype!r}")
+        return ops
+
     def decode_parts(self, codes, norms, dtype):
         """Decode packed ``codes`` (..., code_bytes) uint8 and ``norms`` (...,) fp16 to (..., dim) ``dtype``."""
-        ops = for_array(codes)
+        ops = self.check_parts(codes, norms, dtype)
         x = ops.matmul(self.centroid_values(codes, norms, ops.float32), self.const("rot", codes, ops.float32))
         return ops.astype(x, dtype)
 

@@ -23,8 +23,8 @@ import inspect
 import torch
 from transformers import cache_utils as _cu
 
-from ..config import CacheConfig
-from ..kvstore import LayerStore
+from ..config import CacheConfig, check_count
+from ..kvstore import ATTENTION_MODES, LayerStore
 
 ATTENTION = "tq"  # the attention implementation name ``patch`` registers and selects
 _VIEW = "_tq_view"  # attribute of the key tensor handed to the attention function
@@ -42,20 +42,22 @@ class TurboQuantLayer(_cu.DynamicLayer):
     is_croppable = False
 
     def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False, attn_config=None,
-                 attention: str = "auto"):
+                 attention: str = "auto", left_padding: int = 0):
         super().__init__()
         self.tq_config = config
         self.layer_idx = layer_idx
         self.simulate = simulate
         self.attention = attention
         self.attn_config = attn_config  # the model config whose attention implementation is read
+        self.left_padding = left_padding
         self.store: LayerStore | None = None
         self.reserved = 0
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
         self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1], simulate=self.simulate,
-                                head_dim_v=value_states.shape[-1], attention=self.attention)
+                                head_dim_v=value_states.shape[-1], attention=self.attention,
+                                lead=self.left_padding)
         if self.reserved:
             self.store.reserve(key_states, self.reserved)
         # Empty placeholders: transformers code may read `.keys`/`.values`; nothing is held there.
@@ -123,16 +125,27 @@ class TurboQuantCache(_cu.Cache):
         reserve: tokens to preallocate the history for (0: grow by blocks as needed).
         attention: "auto" (fused kernel where one exists), "ops" (array ops over the codes) or
             "reference" (attention reads the decoded history) — see ``LayerStore``.
+        left_padding: for a left-padded batch, the most padding positions any row starts with
+            (``left_padding(attention_mask)``): they are held in full precision before the sinks,
+            so each row's sinks are its first real tokens (``LayerStore``'s ``lead``). A patched
+            ``generate`` sets it from its ``attention_mask``; attention over the codes refuses a
+            left-padded batch that a cache was not told about.
     """
 
     def __init__(self, model_config=None, config: CacheConfig | None = None, simulate: bool = False,
-                 reserve: int = 0, attention: str = "auto", **fields):
+                 reserve: int = 0, attention: str = "auto", left_padding: int = 0, **fields):
         if config is not None and fields:
             raise TypeError("give either config= or CacheConfig fields, not both")
+        if config is not None and not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig (CacheConfig.parse(label) makes one from a label), "
+                            f"got {type(config).__name__}")
         self.tq_config = config if config is not None else CacheConfig(**fields)
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.simulate = simulate
-        self.reserved = reserve
+        self.reserved = check_count("reserve", reserve)
         self.attention = attention
+        self.left_padding = check_count("left_padding", left_padding)
         self.attn_config = None
         if model_config is None:
             super().__init__(layers=[])
@@ -151,9 +164,21 @@ class TurboQuantCache(_cu.Cache):
         super().__init__(layers=layers)
 
     def _layer(self, i: int) -> TurboQuantLayer:
-        layer = TurboQuantLayer(self.tq_config, i, self.simulate, self.attn_config, self.attention)
+        layer = TurboQuantLayer(self.tq_config, i, self.simulate, self.attn_config, self.attention,
+                                self.left_padding)
         layer.reserved = self.reserved
         return layer
+
+    def set_left_padding(self, n: int) -> None:
+        """Hold ``n`` leading positions in full precision before the sinks (see ``left_padding``);
+        only before anything is stored."""
+        check_count("left_padding", n)
+        if self.get_seq_length():
+            raise ValueError("left_padding can only be set on an empty cache")
+        self.left_padding = n
+        for layer in self.layers:
+            if isinstance(layer, TurboQuantLayer):
+                layer.left_padding = n
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self._lazy:
@@ -196,9 +221,39 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if view is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    _check_padding(view, attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = view.attend(query, scale, mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
+
+
+def left_padding(attention_mask) -> int:
+    """The most leading padding positions of any row of a (batch, tokens) 0/1 ``attention_mask``
+    (0 for None or a batch without left padding)."""
+    if attention_mask is None:
+        return 0
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a (batch, tokens) tensor, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    return int((attention_mask.cumsum(-1) == 0).sum(-1).max()) if attention_mask.numel() else 0
+
+
+def _check_padding(view, mask) -> None:
+    """At a layer's first call (a prefill), refuse a left-padded batch whose cache was not told about
+    its padding: its sinks would hold padding instead of each row's first real tokens."""
+    store = view.store
+    if (mask is None or not store.config.sinks or view.sink_k is not None or view.win_k is not None
+            or view.history or view.new is None or mask.dim() != 4):
+        return
+    live = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    attended = live.any(dim=2).any(dim=1)  # (B, keys): read by some query of the row
+    pad = int((attended.cumsum(-1) == 0).sum(-1).max())
+    if pad > store.lead:
+        raise ValueError(
+            f"left-padded batch: a row starts with {pad} padding positions, which this cache would hold as "
+            f"its {store.config.sinks} full-precision sinks instead of the row's first real tokens; build "
+            f"the cache with TurboQuantCache(..., left_padding={pad}) (tq_core.integrations.hf.left_padding("
+            f"attention_mask)), or let a patched model's generate() make it")
 
 
 def register_attention() -> None:
@@ -229,14 +284,39 @@ def cache_nbytes(cache) -> int:
 
 
 def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int = 0,
-               attention: str = "auto") -> TurboQuantCache:
-    return TurboQuantCache(model.config, config=config, simulate=simulate, reserve=reserve, attention=attention)
+               attention: str = "auto", left_padding: int = 0) -> TurboQuantCache:
+    return TurboQuantCache(model.config, config=config, simulate=simulate, reserve=reserve, attention=attention,
+                           left_padding=left_padding)
 
 
 def is_model(model) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
+
+
+def check_model(model, config: CacheConfig) -> None:
+    """Refuse, before anything is changed, what ``patch`` cannot make generate with ``config``: a
+    model without ``generate`` (a base model without its head, a layer) or a head size the
+    config's method cannot encode."""
+    can = getattr(model, "can_generate", None)
+    if not callable(can) or not can():
+        raise TypeError(f"model must be a transformers model that can generate (a ...ForCausalLM with "
+                        f"generate()), got {type(model).__name__}")
+    from ..models import geometry
+
+    try:
+        geo = geometry(model.config)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return  # an unusual config: the cache meets the head size on first use instead
+    _check_codecs(config, geo.head_dim)
+
+
+def _check_codecs(config: CacheConfig, head_dim: int) -> None:
+    from .. import methods
+
+    for kind in ("k", "v"):
+        methods.get(config.method).codec(config, 0, kind, head_dim)
 
 
 def enable_attention(model) -> str:
@@ -252,21 +332,53 @@ def disable_attention(model, before: str) -> None:
     model.set_attn_implementation(before)
 
 
+_CACHE_KWARGS = ("cache", "past_key_values")  # 5.24 takes both (the second deprecated); 5.17 the second
+
+
+class _Generate:
+    """A patched model's ``generate``: the original with a fresh compressed cache.
+
+    An object, not a closure, so that ``copy.deepcopy(model)`` copies it with the model: its
+    ``model`` and ``original`` (a bound method) then refer to the copy, which generates with its
+    own weights (a closure would keep calling the original model).
+
+    The caller's choices win: a cache passed under either name (``cache=``, ``past_key_values=``)
+    is used as given, and ``use_cache=False`` (argument, ``generation_config=`` or the model's
+    generation config) generates without a cache. A left-padded batch (``attention_mask``) gets a
+    cache whose sinks are each row's first real tokens (``left_padding``).
+    """
+
+    def __init__(self, model, original, config: CacheConfig):
+        self.model, self.original, self.config = model, original, config
+        self.__wrapped__ = original
+        self.__doc__ = original.__doc__
+
+    def __call__(self, *args, **kwargs):
+        pad = left_padding(kwargs.get("attention_mask"))
+        given = [kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None]
+        if given:
+            if isinstance(given[0], TurboQuantCache) and pad and not given[0].get_seq_length():
+                given[0].set_left_padding(max(pad, given[0].left_padding))
+        elif self._use_cache(args, kwargs):
+            kwargs[cache_kwarg(self.model)] = make_cache(self.model, self.config, left_padding=pad)
+        return self.original(*args, **kwargs)
+
+    def _use_cache(self, args, kwargs) -> bool:
+        if "use_cache" in kwargs:
+            return bool(kwargs["use_cache"])
+        gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        for cfg in (gen, getattr(self.model, "generation_config", None)):
+            if cfg is not None and getattr(cfg, "use_cache", None) is not None:
+                return bool(cfg.use_cache)
+        return True
+
+
 def patch(model, config: CacheConfig) -> dict:
-    """Make ``model.generate`` use a fresh compressed cache unless the caller passes a cache, and
-    make attention read the codes. Returns what ``unpatch`` needs to restore."""
+    """Make ``model.generate`` use a fresh compressed cache unless the caller passes a cache (see
+    ``_Generate``), and make attention read the codes (``check_model`` first: ``tq_core.patch``
+    does). Returns what ``unpatch`` needs to restore."""
     before = enable_attention(model)
-    original = model.generate
-    name = cache_kwarg(model)
-
-    def generate(*args, **kwargs):
-        if kwargs.get(name) is None:
-            kwargs[name] = make_cache(model, config)
-        return original(*args, **kwargs)
-
-    generate.__wrapped__ = original
-    generate.__doc__ = original.__doc__
-    model.generate = generate
+    model.generate = _Generate(model, model.generate, config)
     return {"attn_implementation": before}
 
 

@@ -90,6 +90,14 @@ class TurboQuantMLXCache(_BaseCache):
     def state(self, v):
         raise NotImplementedError("a TurboQuantMLXCache cannot be restored from a saved state")
 
+    @classmethod
+    def merge(cls, caches):
+        """mlx-lm's batch generation merges per-prompt caches into one left-padded batch cache; a
+        compressed cache cannot be merged (its sinks would hold the padding): refused clearly."""
+        raise NotImplementedError(
+            "TurboQuantMLXCache cannot be merged into a batch (mlx-lm batch_generate / BatchGenerator): "
+            "generate one prompt at a time with a compressed cache, or unpatch the model for batches")
+
     def nbytes_parts(self) -> dict:
         return {"sinks": 0, "window": 0, "other": 0} if self.store is None else self.store.nbytes()
 
@@ -157,9 +165,32 @@ def greedy(model, tokenizer, ids: list[int], cache, max_new_tokens: int) -> list
 
 
 def is_model(model) -> bool:
+    """An mlx-lm model as ``mlx_lm.load`` returns it: an ``nn.Module`` with a ``model_type`` and its
+    decoder ``layers`` (not its inner decoder, a layer or a tokenizer)."""
     import mlx.nn as nn
 
-    return isinstance(model, nn.Module)
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "model_type", None), str):
+        return False
+    try:
+        return len(model.layers) > 0
+    except (AttributeError, TypeError):
+        return False
+
+
+def check_model(model, config: CacheConfig) -> None:
+    """Refuse, before anything is changed, what ``patch`` cannot make generate with ``config``."""
+    if not is_model(model):
+        raise TypeError(f"model must be an mlx-lm model (as mlx_lm.load returns it: with model_type and "
+                        f"layers), got {type(model).__module__}.{type(model).__name__}")
+    from .. import methods
+    from ..models import geometry
+
+    try:
+        head_dim = geometry(model.args).head_dim
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return  # an unusual config: the cache meets the head size on first use instead
+    for kind in ("k", "v"):
+        methods.get(config.method).codec(config, 0, kind, head_dim)
 
 
 def enable_attention(model) -> bool:
@@ -184,9 +215,29 @@ def disable_attention(model, wrapped: bool) -> None:
             module.scaled_dot_product_attention = getattr(fn, _WRAPPED)
 
 
+class _MakeCache:
+    """A patched model's ``make_cache`` (which mlx-lm's ``make_prompt_cache`` asks first). An
+    object, not a closure, so that ``copy.deepcopy(model)`` copies it with the model and the copy
+    makes caches for itself."""
+
+    def __init__(self, model, config: CacheConfig):
+        self.model, self.config = model, config
+
+    def __call__(self):
+        return make_cache(self.model, self.config)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        # The copy is a patched model too: it counts as a user of its module's wrapped attention.
+        new = _MakeCache(copy.deepcopy(self.model, memo), self.config)
+        enable_attention(new.model)
+        return new
+
+
 def patch(model, config: CacheConfig) -> dict:
     wrapped = enable_attention(model)
-    model.make_cache = lambda: make_cache(model, config)
+    model.make_cache = _MakeCache(model, config)
     return {"wrapped": wrapped}
 
 

@@ -54,7 +54,8 @@ def encode(quantizer, x):
     ops up to float32 rounding at a boundary (parity-tested)."""
     ops = for_array(x)
     module = ops.encode_kernel(x)
-    if module is None or quantizer.precision != "float32":
+    if (module is None or quantizer.precision != "float32"
+            or ops.dtype_name(x.dtype) not in ("float32", "float16", "bfloat16")):  # the kernel's inputs
         return None
     lead, d = tuple(x.shape[:-1]), x.shape[-1]
     rows = ops.reshape(x, (-1, d))

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 NAME = "mlx"
-FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16, mx.float64)  # float64: CPU only (mlx)
 float32, float16, uint8, int64 = mx.float32, mx.float16, mx.uint8, mx.int64
 float64 = mx.float64
 

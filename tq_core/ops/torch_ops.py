@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 NAME = "torch"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 float32, float16, uint8, int64 = torch.float32, torch.float16, torch.uint8, torch.int64
 float64 = torch.float64
 
