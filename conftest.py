@@ -5,7 +5,9 @@ Options:
   --tq-tier     default | nightly                                 (default default)
   --tq-config   a config label, e.g. K3V4+s0w0 (repeatable)        (default: the tier's matrix)
   --tq-method   the matrix through another KV method, e.g. uniform or uniform+g=32
-  --tq-model    HF id or local path of the real model             (default: SmolLM2-135M offline)
+  --tq-model    HF id or local path of the real model             (default: SmolLM2-135M offline);
+                every suite measures it, and the run records its id, geometry, layer types and
+                weights sha256 (``model``, ``model_info``, ``weights_sha256``)
   --tq-corpus   text file to score                                (default: pydoc_data.topics)
 
 Harness state lives in ``config.stash`` (``HARNESS``): the resolved backends, the config matrix,
@@ -25,7 +27,7 @@ from fixtures import configs as config_registry
 from fixtures import models as model_registry
 from fixtures import targets
 from fixtures import text as corpus_registry
-from harness import blas, hosts
+from harness import blas, hosts, identity
 
 pytest_plugins = ["reports.collect"]
 
@@ -70,7 +72,11 @@ def pytest_configure(config):
                                         config.getoption("--tq-method"))
     except (RuntimeError, ValueError, TypeError) as e:
         raise pytest.UsageError(str(e)) from None
-    corpus = corpus_registry.load(config.getoption("--tq-corpus"))
+    try:
+        corpus = corpus_registry.load(config.getoption("--tq-corpus"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise pytest.UsageError(str(e) if isinstance(e, FileNotFoundError) else
+                                f"--tq-corpus must be a readable UTF-8 text file: {e}") from None
     run = {
         "target": os.environ.get("TQ_RESULTS_TARGET") or targets.results_target(backends, reasons),
         "backends": [b for b in backends if b not in reasons],
@@ -79,7 +85,10 @@ def pytest_configure(config):
         "configs": [c.label for c in matrix],
         "seed": SEED,
         "corpus": {"source": corpus.source, "sha256": corpus.sha256, "chars": len(corpus.text)},
-        "model": config.getoption("--tq-model") or model_registry.DEFAULT_REAL.name,
+        # The model's id (``harness.identity.model_id``: what records label ``model`` and what
+        # calibration tables are named by); ``model_info`` (geometry, layer types, source) and
+        # ``weights_sha256`` are added when a suite first asks for the model (``model_info`` fixture).
+        "model": identity.model_id(config.getoption("--tq-model")),
         # Which BLAS MLX used on CPU: the wheel's reference BLAS is ~20x slower than OpenBLAS.
         "mlx_blas": blas.status(),
     }
@@ -146,6 +155,29 @@ def real_spec(request):
     return model_registry.real_spec(request.config.getoption("--tq-model"))
 
 
+@pytest.fixture(scope="session")
+def model_info(request, harness, real_spec) -> dict:
+    """The real model as the results name it: ``id``, ``weights_sha256`` (None when its weights are
+    not on this machine), geometry and layer types (``ModelSpec.describe``). Added to the run's
+    provenance once; suites pass it to the gates (``suites.gates.table_for``)."""
+    key = ("model_info", real_spec.name, real_spec.source)
+    if key not in harness.memo:
+        from tq_core import models
+
+        source = request.config.getoption("--tq-model")
+        try:
+            local = models.ensure_local(source)
+            sha = identity.weights_sha256(local if not isinstance(local, str) else identity._hub_snapshot(local))
+        except (FileNotFoundError, TypeError):
+            sha = None
+        info = {**real_spec.describe(), "weights_sha256": sha}
+        harness.run["model_info"] = {k: v for k, v in info.items() if k != "weights_sha256"}
+        if sha is not None:
+            harness.run["weights_sha256"] = sha
+        harness.memo[key] = info
+    return harness.memo[key]
+
+
 @pytest.fixture
 def host(backend):
     """The host of the test's backend (``harness.hosts``)."""
@@ -153,22 +185,20 @@ def host(backend):
 
 
 @pytest.fixture(scope="session")
-def load_model(request, harness):
-    """``load_model(backend)`` -> ``hosts.Model`` of the real model, loaded once per backend."""
+def load_model(request, harness, model_info):
+    """``load_model(backend)`` -> ``hosts.Model`` of the real model, loaded once per backend (the
+    run records which model: ``model_info``)."""
     source = request.config.getoption("--tq-model")
 
     def _load(backend: str):
         if backend not in harness.loaded:
-            from harness import identity
-            from tq_core import models
-
             harness.loaded[backend] = hosts.get(backend).load(source)
-            harness.run.setdefault("weights_sha256", identity.weights_sha256(models.ensure_local(source)))
         return harness.loaded[backend]
 
     yield _load
     harness.loaded.clear()
-    harness.memo.clear()
+    for key in [k for k in harness.memo if not (isinstance(k, tuple) and k[0] == "model_info")]:
+        del harness.memo[key]  # the model's identity outlives the loaded weights
     import gc
 
     gc.collect()

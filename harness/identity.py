@@ -1,8 +1,12 @@
-"""What model a run measured: its geometry and the hash of its weights.
+"""What model a run measured: its geometry, its layer types and the hash of its weights.
 
-``geometry(config)`` (from ``tq_core.models``) is the one reader of a model config's KV shape.
-``weights_sha256`` hashes the safetensors a folder holds (cached beside them, keyed by size and
-mtime); ``describe`` puts the two together for a model spec without loading weights.
+``geometry(config)`` (from ``tq_core.models``) is the one reader of a model config's KV shape;
+``layer_types(config)`` says which kind of attention each layer runs (``full_attention``,
+``sliding_attention``, ``linear_attention``, ...), so suites can tell the layers a cache compresses
+from those it keeps as the host library does. ``weights_sha256`` hashes the safetensors a folder
+holds (cached beside them, keyed by size and mtime); ``describe`` puts them together for a model
+spec without loading weights, and ``model_id`` names a spec the way results and calibration tables
+do.
 """
 
 from __future__ import annotations
@@ -67,6 +71,62 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+FULL_ATTENTION = "full_attention"
+
+
+def layer_types(cfg) -> tuple[str, ...]:
+    """Attention type of every decoder layer of a transformers config, an mlx-lm ``ModelArgs`` or a
+    ``config.json`` dict: the config's own ``layer_types`` when it has them, else what transformers
+    infers (a ``sliding_window`` / ``attention_chunk_size`` on the config), else full attention."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    elif isinstance(cfg, dict) and "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+
+    def get(name):
+        return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+
+    n = int(get("num_hidden_layers"))
+    types = get("layer_types")
+    if types is None and not isinstance(cfg, dict):
+        try:  # transformers' own inference (sliding_window, attention_chunk_size, per-layer configs)
+            from transformers import cache_utils
+
+            types = cache_utils.get_layer_types_and_kwargs(cfg)[0]
+        except Exception:  # older transformers, or not a transformers config
+            types = None
+    if types is None:
+        types = [FULL_ATTENTION] * n
+    types = tuple(str(t) for t in types)
+    if len(types) != n:
+        raise ValueError(f"config has {n} layers but {len(types)} layer types: {types}")
+    return types
+
+
+def full_attention_layers(types) -> list[int]:
+    """Indices of the layers that attend over their whole history (the ones a cache compresses)."""
+    return [i for i, t in enumerate(types) if t == FULL_ATTENTION]
+
+
+def type_counts(types) -> dict:
+    """``{layer type: count}`` in first-seen order (what a run records about a model's layers)."""
+    out: dict = {}
+    for t in types:
+        out[t] = out.get(t, 0) + 1
+    return out
+
+
+def model_id(model: str | os.PathLike | None) -> str:
+    """The name results and calibration tables use for a model spec: the default's alias, else the
+    last part of the path or hub id (``/data/ckpt/gemma-3-1b`` and ``google/gemma-3-1b`` both name
+    ``gemma-3-1b``; the weights hash tells them apart)."""
+    from tq_core import models
+
+    if model is None or str(model).strip().lower() in models.ALIASES:
+        return models.DEFAULT_MODEL
+    return str(model).rstrip("/").rstrip(os.sep).split("/")[-1].split(os.sep)[-1]
+
+
 def _hub_snapshot(repo_id: str) -> pathlib.Path | None:
     try:
         from huggingface_hub import snapshot_download
@@ -81,7 +141,8 @@ def describe(model: str | os.PathLike | None = None) -> dict:
 
     Keys: ``model`` (the spec, or the alias for the default), ``path`` (local folder or None),
     ``weights_sha256`` (None if not local), ``model_type``, ``num_layers``, ``num_heads``,
-    ``num_kv_heads``, ``head_dim``, ``hidden_size``, ``rope_theta``, ``source`` (tq_source.json).
+    ``num_kv_heads``, ``head_dim``, ``hidden_size``, ``rope_theta``, ``layer_types`` (``{type:
+    count}``), ``source`` (tq_source.json).
     """
     from tq_core import models
 
@@ -94,6 +155,7 @@ def describe(model: str | os.PathLike | None = None) -> dict:
 
         cfg = AutoConfig.from_pretrained(str(src)).to_dict()
     geo = geometry(cfg)
+    types = layer_types(cfg)
     text = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
     weights = None
     if local is not None:
@@ -112,5 +174,6 @@ def describe(model: str | os.PathLike | None = None) -> dict:
         "head_dim": geo.head_dim,
         "hidden_size": text.get("hidden_size"),
         "rope_theta": models._rope_theta_of(text),
+        "layer_types": type_counts(types),
         "source": _read_json(local / models.SOURCE_FILE) if local is not None else None,
     }

@@ -12,7 +12,7 @@ fed positions ``0..T-2`` (arrays of the backend under test, ``host.from_numpy``)
 token, exactly as at the last generation step, and the ``View`` it returns, decoded
 (``View.dense``), holds every position any earlier query ever reads as codes. Codes are written
 once and never re-encoded, so those decoded vectors are what every earlier query read too (checked
-at a second point, t = T/2, for layer 0), and the per-(t, j) full-precision/codes split above is
+at a second point, t = T/2, for the first layer measured), and the per-(t, j) full-precision/codes split above is
 checked against what the store returned (full precision exactly there, codes elsewhere). "Full
 precision" is what the store holds: sinks and window in 16 bits (the input's dtype when it is
 16-bit, else bfloat16), so they must equal the originals rounded to that dtype, bit for bit; the
@@ -21,17 +21,25 @@ codes do (the keys and values read as codes); the 16-bit rounding of a float32 c
 window is not part of them.
 
 Queries scored: the last ``QUERY_ROWS`` positions (256 of 512: at t = 256 the K4/V2 default
-cache holds 124 of 257 keys as codes, at t = 511, 379 of 512), all 9 query heads (GQA: query head
-h reads KV head h // 3). The baseline is the same attention on the original K/V, recomputed in
-torch float32 on one CPU thread (``host.threads(1)`` of torch-cpu) for every backend (the backend
-under test runs the codec), once per (layer, rows) for the module (the ``baselines`` fixture),
+cache holds 124 of 257 keys as codes, at t = 511, 379 of 512), every query head (GQA: query head
+h reads KV head h // (heads / kv_heads); 9 heads over 3 on the default model). The baseline is the
+same attention on the original K/V, recomputed in torch float32 on one CPU thread
+(``host.threads(1)`` of torch-cpu) for every backend (the backend under test runs the codec), once
+per (layer, rows) for the module (the ``baselines`` fixture),
 and checked against the attention output the model itself produced (max error < 1e-4 relative).
 Float32 here matches a float64 computation to <= 3e-6 relative in 1 - cos, KL and rel. error.
 
-Metrics per layer (label ``layer=i``; then the mean over layers): cosine similarity of the
-attention outputs (mean, min over rows), KL(p_base || p_cache) of the attention weights (mean),
+Layers: the full-attention layers of the model (``real_spec.full_layers``), the ones every host's
+cache encodes. Layers of other types (sliding window, chunked or linear attention) are excluded by
+type: the cache keeps them as the host library does (no codes to measure), and this suite's
+baseline, full causal attention, is not what they compute. Each record names the model and the
+layers measured when some are excluded (``model``, ``layers=<measured>/<total>``).
+
+Metrics per layer (label ``layer=i``; then the mean over the measured layers): cosine similarity of
+the attention outputs (mean, min over rows), KL(p_base || p_cache) of the attention weights (mean),
 top-8 overlap of the weights, and the relative output error |o_cache - o_base| / |o_base|.
-Gates by config label (``gates.check_attention``); every gated test records ``gate_calibrated``.
+Gates by model, config label and protocol (``gates.check_attention``: the model's calibration
+table); every gated test records ``gate_calibrated`` and the table it used (``calibration``).
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def baseline(cap, layer: int, rows: int) -> dict:
     return dict(t=t, q=q, k=k, v=v, s=s, o=o, causal=causal, top=torch.topk(s, TOP_K, -1).indices)
 
 
-def cache_view(cap, layer: int, config, host):
+def cache_view(cap, layer: int, config, host, mid: bool | None = None):
     """(K, V) as the cache holds them for the last position, (kv_heads, T, D) float32.
 
     Fed through ``LayerStore.update`` exactly as in generation's last step: every earlier position
@@ -119,7 +127,7 @@ def cache_view(cap, layer: int, config, host):
     and window as the store holds them (the originals rounded to its 16-bit dtype, exactly), the
     last token as given (exactly the original). Codes are written once and never re-encoded, so
     these decoded vectors are what every earlier query read too; that is checked at a second point
-    (t = T/2) for layer 0.
+    (t = T/2) when ``mid`` (default: for layer 0).
     """
     T = cap.tokens
     kb, vb = host.from_numpy(cap.k[layer]), host.from_numpy(cap.v[layer])
@@ -152,27 +160,28 @@ def cache_view(cap, layer: int, config, host):
         if (~fp).any():
             assert not np.array_equal(got[:, ~fp], orig[:, ~fp]), f"layer {layer}: {name} history not quantized"
             assert not np.array_equal(got[:, ~fp], orig16[:, ~fp]), f"layer {layer}: {name} history not quantized"
-    if layer == 0:
-        mid = T // 2
-        k_mid, v_mid = view_at(mid)
-        coded = ~full_precision_mask(np.array([mid]), mid + 1, config.sinks, config.window)[0]
+    if (layer == 0) if mid is None else mid:
+        t_mid = T // 2
+        k_mid, v_mid = view_at(t_mid)
+        coded = ~full_precision_mask(np.array([t_mid]), t_mid + 1, config.sinks, config.window)[0]
         for name, a, b in (("K", k_mid, k_hat), ("V", v_mid, v_hat)):
             # Same codes decode to the same vectors up to float rounding (a GPU matmul may pick
             # another kernel for another history length); a rewritten code moves a vector by far more.
-            a, b = a[:, coded], b[:, : mid + 1][:, coded]
+            a, b = a[:, coded], b[:, : t_mid + 1][:, coded]
             assert np.allclose(a, b, rtol=1e-5, atol=1e-6), (
-                f"{name} history decoded at t={mid} differs from t={T - 1}: codes were rewritten")
+                f"{name} history decoded at t={t_mid} differs from t={T - 1}: codes were rewritten")
     return k_hat, v_hat
 
 
-def layer_metrics(cap, layer: int, config, host, rows: int, baselines: Baselines | None = None) -> dict:
+def layer_metrics(cap, layer: int, config, host, rows: int, baselines: Baselines | None = None,
+                  mid: bool | None = None) -> dict:
     """Metrics of one layer under ``config``, the codec run on ``host``; ``baselines``: where the
-    baseline attention is kept between calls (None: computed here)."""
+    baseline attention is kept between calls (None: computed here); ``mid``: see ``cache_view``."""
     import torch
 
     b = baseline(cap, layer, rows) if baselines is None else baselines.get(cap, layer, rows)
     T, group = cap.tokens, cap.heads // cap.kv_heads
-    k_hat, v_hat = cache_view(cap, layer, config, host)
+    k_hat, v_hat = cache_view(cap, layer, config, host, mid)
     # k - k_hat; where never coded only the 16-bit rounding of sinks/window (masked out by ``coded``)
     dk = b["k"] - torch.from_numpy(k_hat).repeat_interleave(group, 0)
     dv = torch.from_numpy(v_hat).repeat_interleave(group, 0) - b["v"]  # v_hat - v
@@ -197,49 +206,77 @@ def layer_metrics(cap, layer: int, config, host, rows: int, baselines: Baselines
             "top8_overlap": float(overlap.double().mean()), "rel_err_mean": float(rel.mean())}
 
 
-def measure(cap, cfg, host, rows, record, baselines: Baselines, **labels) -> dict:
-    """Per-layer metrics of cache config ``cfg``, recorded with ``layer=i``; {metric: array over layers}."""
+def measure(cap, cfg, host, rows, record, baselines: Baselines, only=None, **labels) -> dict:
+    """Per-layer metrics of cache config ``cfg`` over the layers ``only`` (default: all captured),
+    recorded with ``layer=i``; {metric: array over those layers}."""
     per = {m: [] for m in METRICS}
-    for layer in range(cap.layers):
-        res = layer_metrics(cap, layer, cfg, host, rows, baselines)
+    layers = list(range(cap.layers) if only is None else only)
+    for layer in layers:
+        res = layer_metrics(cap, layer, cfg, host, rows, baselines, mid=layer == layers[0])
         for m in METRICS:
             record(f"attn_{m}", res[m], layer=layer, **labels)
             per[m].append(res[m])
     out = {m: np.array(vals) for m, vals in per.items()}
     for m, vals in out.items():
-        record(f"attn_{m}_layers_mean", vals.mean(), error=vals.std(ddof=1) / np.sqrt(vals.size), **labels)
+        se = vals.std(ddof=1) / np.sqrt(vals.size) if vals.size > 1 else None  # one layer: no spread
+        record(f"attn_{m}_layers_mean", vals.mean(), error=se, **labels)
     record("attn_cos_min_layers_min", out["cos_min"].min(), **labels)
     return out
 
 
+def measured_layers(spec, cap) -> list[int]:
+    """The captured layers this suite measures: the full-attention ones (see the module docstring)."""
+    assert cap.layers == spec.layers, f"captured {cap.layers} layers, {spec.name} has {spec.layers}"
+    if not spec.full_layers:
+        pytest.skip(f"{spec.name} has no full-attention layer (layer types {spec.describe()['layer_types']}): "
+                    "no layer's history is held as codes")
+    return spec.full_layers
+
+
+def model_labels(spec, cap) -> dict:
+    """``model``, and ``layers=<measured>/<total>`` when some layers are excluded by type."""
+    out = dict(model=spec.name)
+    if spec.mixed:
+        out["layers"] = f"{len(spec.full_layers)}/{cap.layers}"
+    return out
+
+
 @pytest.mark.model
-def test_attention_per_layer(host, cache_config, captured_qkv, baselines, real_spec, record):
+def test_attention_per_layer(host, cache_config, captured_qkv, baselines, real_spec, model_info, record):
     rows = QUERY_ROWS
-    labels = dict(config=cache_config.label, queries=rows)
-    out = measure(captured_qkv, cache_config, host, rows, record, baselines, **labels)
-    status = gates.check_attention(cache_config.label, out, real_spec.name)
+    layers = measured_layers(real_spec, captured_qkv)
+    labels = dict(config=cache_config.label, queries=rows, **model_labels(real_spec, captured_qkv))
+    out = measure(captured_qkv, cache_config, host, rows, record, baselines, layers, **labels)
+    status = gates.check_attention(cache_config.label, out, model_info, backend=host.backend, queries=rows,
+                                   tokens=captured_qkv.tokens)
     record("gate_calibrated", 1.0 if status == "calibrated" else 0.0, "bool", gate="attention",
-           model=real_spec.name, **labels)
+           calibration=gates.calibration(model_info), **labels)
 
 
 @pytest.mark.model
-def test_norm_correction(host, captured_qkv, baselines, real_spec, record):
+def test_norm_correction(host, captured_qkv, baselines, real_spec, model_info, record):
     """Plain K4/V2 (no sinks, no window) with norm correction on (the default) vs off.
 
     The default was chosen on PPL KLD 0.166 (on) vs 0.221 (off); this measures the same choice
     at the attention level, per layer, on the same Q/K/V.
     """
     plain = config_registry.PLAIN
+    layers = measured_layers(real_spec, captured_qkv)
+    mlabels = model_labels(real_spec, captured_qkv)
     out = {}
     for nc in (True, False):
         cfg = plain if nc else plain.replace(norm_correction=False)
-        out[nc] = measure(captured_qkv, cfg, host, QUERY_ROWS, record, baselines, config=cfg.label,
-                          norm_correction=nc, queries=QUERY_ROWS)
+        out[nc] = measure(captured_qkv, cfg, host, QUERY_ROWS, record, baselines, layers, config=cfg.label,
+                          norm_correction=nc, queries=QUERY_ROWS, **mlabels)
     for m in METRICS:
         diff = out[True][m] - out[False][m]
-        record(f"attn_{m}_nc_on_minus_off", diff.mean(), error=diff.std(ddof=1) / np.sqrt(diff.size))
+        err = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else None
+        record(f"attn_{m}_nc_on_minus_off", diff.mean(), error=err, **mlabels)
     for m, better in (("kl_mean", np.less), ("cos_mean", np.greater), ("top8_overlap", np.greater),
                       ("rel_err_mean", np.less)):
-        record(f"layers_nc_on_better_{m}", int(better(out[True][m], out[False][m]).sum()), "layers")
-    gates.check_norm_correction(out)  # always against the measured bands of both labels
-    record("gate_calibrated", 1.0, "bool", gate="norm_correction", model=real_spec.name, queries=QUERY_ROWS)
+        record(f"layers_nc_on_better_{m}", int(better(out[True][m], out[False][m]).sum()), "layers", **mlabels)
+    # Against the bands of both labels where the model's table has them (then on must beat off).
+    status = gates.check_norm_correction(out, model_info, backend=host.backend, queries=QUERY_ROWS,
+                                         tokens=captured_qkv.tokens)
+    record("gate_calibrated", float(status == "calibrated"), "bool", gate="norm_correction", queries=QUERY_ROWS,
+           calibration=gates.calibration(model_info), **mlabels)

@@ -41,7 +41,7 @@ run without xdist):
     TQ_UPDATE_GOLDENS=1 pytest suites/test_generation.py -k golden --tq-tier nightly --tq-target torch-cpu,mlx
 
 With ``TQ_UPDATE_GOLDENS=1`` the golden tests write (merge into the file) instead of comparing.
-Goldens are for the default model only: with ``--tq-model`` they are skipped.
+Goldens are for the default model only: with ``--tq-model`` naming another model they are skipped.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ GOLDEN_TOKENS = 128  # goldens hold this many; a tier compares its first NEW_TOK
 GOLDEN_CONFIG = config_registry.DEFAULT  # the compressed config whose tokens the goldens also keep
 PLAIN_CONFIG = config_registry.PLAIN  # K4V2+s0w0: the codes alone
 GOLDENS = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "goldens"
+GOLDEN_MODEL = "smollm2-135m"  # the model the goldens were generated with (the default)
 TEXT_CHARS = 500  # characters of each text kept in the match-rate record's labels
 # torch CPU threads while generating: on a 2-core box shared with other jobs, torch's 2-thread
 # pool spends most of its time in barriers (measured 4-5x slower than one thread under load).
@@ -152,36 +153,50 @@ def skip_unless_measured(label: str, tier: str, request) -> None:
                     "--tq-tier nightly runs every config")
 
 
-def test_parity(host, cache_config, prompt, new_tokens, tier, load_model, gens, record, request):
+def skip_unless_compressed(m, config, prompt: str) -> None:
+    """A prompt that fits in sinks + window under this model's tokenizer compresses nothing: the
+    comparison cannot apply to it (the default model's prompts are all longer)."""
+    ids, _ = generation.prompt_ids(m.tokenizer, prompts.BY_NAME[prompt].text)
+    if len(ids) <= config.sinks + config.window:
+        pytest.skip(f"prompt={prompt} is {len(ids)} tokens under this model's tokenizer: it fits in "
+                    f"{config.sinks} sinks + {config.window} window, nothing would be held as codes")
+
+
+def test_parity(host, cache_config, prompt, new_tokens, tier, load_model, gens, real_spec, record, request):
     skip_unless_measured(cache_config.label, tier, request)
     m = load_model(host.backend)
+    skip_unless_compressed(m, cache_config, prompt)
     ids, fmt, base, tq, rate, first = gens.compare(host, m, cache_config, prompt, new_tokens)
     check_compressed(cache_config.label, tq, prompt)
-    record_pair(record, ids, base, tq, rate, first, config=cache_config.label, prompt_format=fmt)
+    record_pair(record, ids, base, tq, rate, first, config=cache_config.label, prompt_format=fmt,
+                model=real_spec.name)
     assert len(ids) > cache_config.sinks + cache_config.window
 
 
-def test_parity_summary(host, cache_config, new_tokens, tier, load_model, gens, real_spec, record, request):
+def test_parity_summary(host, cache_config, new_tokens, tier, load_model, gens, real_spec, model_info, record,
+                        request):
     skip_unless_measured(cache_config.label, tier, request)
     m = load_model(host.backend)
     rates, firsts, formats = [], [], set()
     for prompt in prompts.for_tier(tier):
+        skip_unless_compressed(m, cache_config, prompt)
         _, fmt, _, tq, rate, first = gens.compare(host, m, cache_config, prompt, new_tokens)
         check_compressed(cache_config.label, tq, prompt)
         rates.append(rate)
         firsts.append(new_tokens if first is None else first)
         formats.add(fmt)
-    labels = dict(config=cache_config.label, prompts=len(rates), prompt_format="+".join(sorted(formats)))
+    labels = dict(config=cache_config.label, prompts=len(rates), prompt_format="+".join(sorted(formats)),
+                  model=real_spec.name)
     mean = record("match_rate_mean", sum(rates) / len(rates), "", **labels)
     record("match_rate_min", min(rates), "", **labels)
     record("first_divergence_mean", sum(firsts) / len(firsts), "token", **labels)
     record("full_match_fraction", sum(r == 1.0 for r in rates) / len(rates), "", **labels)
-    status = gates.check_generation(cache_config.label, tier, mean, rates, real_spec.name)
+    status = gates.check_generation(cache_config.label, tier, mean, rates, model_info, backend=host.backend)
     record("gate_calibrated", float(status == "calibrated"), "bool", gate="generation", config=cache_config.label,
-           model=real_spec.name)
+           model=real_spec.name, calibration=gates.calibration(model_info))
 
 
-def test_plain_diverges(host, new_tokens, tier, load_model, gens, record):
+def test_plain_diverges(host, new_tokens, tier, load_model, gens, real_spec, record):
     """Two-sided: the codes alone (no sinks, no window) must change the greedy output somewhere."""
     if tier not in PLAIN_TIERS:
         pytest.skip(f"the plain K4/V2 check runs in the {', '.join(PLAIN_TIERS)} tier (time budget)")
@@ -191,11 +206,12 @@ def test_plain_diverges(host, new_tokens, tier, load_model, gens, record):
     for prompt in prompts.for_tier(tier):
         ids, fmt, base, tq, rate, first = gens.compare(host, m, PLAIN_CONFIG, prompt, new_tokens)
         check_compressed(label, tq, prompt)
-        record_pair(record, ids, base, tq, rate, first, config=label, prompt=prompt, prompt_format=fmt)
+        record_pair(record, ids, base, tq, rate, first, config=label, prompt=prompt, prompt_format=fmt,
+                    model=real_spec.name)
         rates.append(rate)
         formats.add(fmt)
     record("match_rate_mean", sum(rates) / len(rates), "", config=label, prompts=len(rates),
-           prompt_format="+".join(sorted(formats)))
+           prompt_format="+".join(sorted(formats)), model=real_spec.name)
     gates.check_plain_generation(tier, rates)
 
 
@@ -228,8 +244,9 @@ def _write(path: pathlib.Path, data: dict) -> None:
 
 
 def test_golden(host, prompt, kind, new_tokens, load_model, gens, harness, record, request):
-    if request.config.getoption("--tq-model"):
-        pytest.skip("goldens are for the default model (--tq-model given)")
+    model = identity.model_id(request.config.getoption("--tq-model"))
+    if model != GOLDEN_MODEL:
+        pytest.skip(f"goldens are for the default model ({GOLDEN_MODEL}); this run measures {model}")
     from tq_core import models
 
     backend = host.backend
@@ -241,7 +258,7 @@ def test_golden(host, prompt, kind, new_tokens, load_model, gens, harness, recor
         data = _read(path)
         if data.get("weights_sha256") not in (None, weights):
             data = {}  # goldens of other weights are stale as a whole
-        data.update(model="smollm2-135m", weights_sha256=weights, new_tokens=GOLDEN_TOKENS,
+        data.update(model=GOLDEN_MODEL, weights_sha256=weights, new_tokens=GOLDEN_TOKENS,
                     about="Greedy token ids of suites/test_generation.py; regenerate with TQ_UPDATE_GOLDENS=1 "
                           "(see that module's docstring).")
         entry = data.setdefault("backends", {}).setdefault(backend, {})

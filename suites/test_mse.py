@@ -19,9 +19,12 @@ backend, handed to it through its host: ``host.from_numpy``), encoded and decode
   (expected sqrt(D)), recorded raw and with the bias removed.
 
 Real K/V: the model's own post-RoPE keys and values (``harness.capture``, the ``captured_qkv``
-fixture), per layer, with the
-quantizers a cache uses for that layer (``rotation.derive_seed``): D_mse of the unit-normalized
-vectors and the relative error of the raw ones, as a ratio to the optimum. Real vectors are far
+fixture; the run's ``--tq-model``), per full-attention layer -- the layers every host's cache
+encodes; layers of other types (sliding window, linear attention) are kept as the host library
+keeps them and are excluded by type (label ``layers=<measured>/<total>`` when some are) -- with
+the quantizers a cache uses for that layer (``rotation.derive_seed``): D_mse of the
+unit-normalized vectors and the relative error of the raw ones, as a ratio to the optimum. Gated
+against the model's calibration table (``gates.check_real_mse``; ``gate_calibrated`` recorded). Real vectors are far
 from uniform on the sphere; only the rotation makes the codebook fit, and one fixed rotation per
 layer averages over few directions when keys are concentrated, so per-layer ratios spread more
 than sampling noise would say while their mean over layers stays at 1.
@@ -153,7 +156,7 @@ def real_bits(tier: str) -> list[tuple[str, int]]:
 
 @pytest.mark.model
 @pytest.mark.parametrize("norm_correction", [False, True], ids=lambda v: f"norm_correction={v}")
-def test_real_kv(host, captured_qkv, norm_correction, tier, record):
+def test_real_kv(host, captured_qkv, norm_correction, tier, real_spec, model_info, record):
     """Per layer: D_mse of the model's own K/V with that layer's cache quantizers, vs the optimum.
 
     Reference ("optimum"): ``codebook.mse`` with norm correction off; with it on, the D_mse the
@@ -161,6 +164,12 @@ def test_real_kv(host, captured_qkv, norm_correction, tier, record):
     scalar optimum is not what a norm-corrected codec converges to (see the module docstring).
     """
     cap = captured_qkv
+    assert cap.layers == real_spec.layers, f"captured {cap.layers} layers, {real_spec.name} has {real_spec.layers}"
+    layers = real_spec.full_layers
+    if not layers:
+        pytest.skip(f"{real_spec.name} has no full-attention layer ({real_spec.describe()['layer_types']}): "
+                    "no layer's K/V is held as codes")
+    mlabels = dict(model=real_spec.name, **({"layers": f"{len(layers)}/{cap.layers}"} if real_spec.mixed else {}))
     seed = config_registry.DEFAULT.seed  # the rotations a default cache uses
     for kind, bits in real_bits(tier):
         arrays = cap.k if kind == "k" else cap.v
@@ -170,10 +179,11 @@ def test_real_kv(host, captured_qkv, norm_correction, tier, record):
             u = unit_vectors(cap.head_dim, N_VECTORS, 0)
             uq = TurboQuantizer(cap.head_dim, bits, seed, norm_correction=True)
             ref, ref_se = mean_se(((u - roundtrip(uq, u, host)[0]) ** 2).sum(1))
-        lab = dict(kind=kind, bits=bits)
+        lab = dict(kind=kind, bits=bits, **mlabels)
         record("uniform_reference_d_mse", ref, error=ref_se, **lab)
         ratios = []
-        for layer, arr in enumerate(arrays):
+        for layer in layers:
+            arr = arrays[layer]
             x = arr.reshape(-1, cap.head_dim).astype(np.float64)
             norms = np.linalg.norm(x, axis=1)
             u = x / norms[:, None]
@@ -192,7 +202,11 @@ def test_real_kv(host, captured_qkv, norm_correction, tier, record):
             record("real_energy_rel_mse_raw", energy, **llab)
             ratios.append(d / ref)
         r = np.array(ratios)
-        record("real_d_mse_unit_vs_reference_mean", r.mean(), "x", error=r.std(ddof=1) / np.sqrt(r.size), **lab)
+        se = r.std(ddof=1) / np.sqrt(r.size) if r.size > 1 else None
+        record("real_d_mse_unit_vs_reference_mean", r.mean(), "x", error=se, **lab)
         record("real_d_mse_unit_vs_reference_min", r.min(), "x", **lab)
         record("real_d_mse_unit_vs_reference_max", r.max(), "x", **lab)
-        gates.check_real_mse(kind, bits, norm_correction, r)
+        status = gates.check_real_mse(kind, bits, norm_correction, r, model_info, backend=host.backend,
+                                      tokens=cap.tokens)
+        record("gate_calibrated", float(status == "calibrated"), "bool", gate="real_mse",
+               calibration=gates.calibration(model_info), **lab)

@@ -15,13 +15,17 @@ NLLs treated as independent), dppl_pct (± paired SE), kld_mean (± SE), kld_med
 kld_p999, kld_max, same_top1_pct (± binomial SE), rms_dp_pct, and what the cache holds at the
 end of the text, measured from its arrays (``scoring.held_bytes``): bytes_held,
 bits_per_channel (codes + norms + sinks + window over every K and V channel of every token held)
-and bits_per_channel_codes (codes + norms over the encoded tokens only). SmolLM2 is a float32
-model, so sinks and window are held in float32: at 511 tokens they are 132 of them and dominate
-bits_per_channel (the baseline cache holds 32 bits per channel). Labels: config (the config's
-label), mode, chunk, tokens, sinks, window, model, baseline="uncompressed cache, same run",
-extra=<name> for protocol extras. Every quality gate records ``gate_calibrated`` (1: checked
-against a band measured for this config, protocol and model; 0: only the model-independent check
-ran).
+and bits_per_channel_codes (codes + norms over the encoded tokens only, per channel of the layers
+the cache encodes). Sinks and window are held in 16 bits (bfloat16 for SmolLM2, a float32 model):
+at 511 tokens they are 132 of them and weigh on bits_per_channel (the baseline cache holds 32 bits
+per channel). A model whose cache keeps some layers as the host library does (sliding window,
+linear attention) counts them in bytes_held (part ``uncompressed``), and is scored from the first
+token (no fork from the baseline: a sliding layer no longer holds the tokens a fork would copy).
+Labels: config (the config's label), mode, chunk, tokens, sinks, window, model (its id),
+baseline="uncompressed cache, same run", extra=<name> for protocol extras. Every quality gate
+records ``gate_calibrated`` (1: checked against the band of the model's calibration table for this
+config, protocol and backend; 0: only the model-independent check ran) and ``calibration`` (the
+table, or ``none``). Protocols longer than the model's context are skipped.
 
 Tiers. Costs on the 2-core CPU box (torch on one thread: every scoring runs inside
 ``host.threads(1)``; MLX with the system OpenBLAS that ``harness.blas`` loads for it): one
@@ -50,7 +54,8 @@ Under the usual load of other jobs everything takes 1.5-3x longer.
   cross-backend floor at 1024 tokens; and ``test_headline``: K4V2 at 512 tokens, decode
   semantics, gated on the README's numbers.
 
-Gates (``suites/gates.py``, perplexity section) are two-sided where a result can be too good:
+Gates (``suites/gates.py``, perplexity section; bands per model in ``suites/calibration/``) are
+two-sided where a result can be too good:
 a compressed cache whose KLD sits at the noise floor is not being read. The goal (K4V2 default,
 decode semantics: ΔPPL <= +2 % and mean KLD <= 0.015) is recorded as ``goal_met`` (1/0), beside
 bits_per_channel; it is a target, not a gate.
@@ -130,13 +135,16 @@ REUSED = (registry.DEFAULT.label, registry.PLAIN.label)  # cache-mode results ke
 class Scorer:
     """Token ids and baselines, computed once per (backend, protocol) for the whole module."""
 
-    def __init__(self, load_model, corpus, spec):
+    def __init__(self, load_model, corpus, spec, model: dict | None = None):
         self.load_model, self.corpus, self.spec = load_model, corpus, spec
+        self.model = model if model is not None else {"id": spec.name}  # what the gates look up
         self._ids: dict = {}
         self._base: dict = {}
         self._comp: dict = {}
 
     def ids(self, backend: str, n: int) -> list[int]:
+        if n > self.spec.max_context:
+            pytest.skip(f"{self.spec.name} takes at most {self.spec.max_context} positions, the protocol scores {n}")
         host = hosts.get(backend)
         key = (host.lib, n)
         if key not in self._ids:
@@ -179,7 +187,10 @@ class Scorer:
         if key in self._comp:
             return self._comp[key]
         base_lp, base_cache, _ = self.baseline(backend, protocol)
-        lp, cache, secs = self.score(backend, config, protocol, fork_from=(base_lp, base_cache))
+        # A model with layers the cache keeps as the host library does (sliding window, ...) is
+        # scored from the start: a sliding layer no longer holds the tokens a fork would copy.
+        fork = None if self.spec.mixed else (base_lp, base_cache)
+        lp, cache, secs = self.score(backend, config, protocol, fork_from=fork)
         ids = self.ids(backend, protocol.tokens)
         out = scoring.compare(base_lp, lp, ids), lp, cache, secs
         if config.label in REUSED:
@@ -192,8 +203,8 @@ class Scorer:
 
 
 @pytest.fixture(scope="module")
-def scorer(load_model, corpus, real_spec):
-    s = Scorer(load_model, corpus, real_spec)
+def scorer(load_model, corpus, real_spec, model_info):
+    s = Scorer(load_model, corpus, real_spec, model_info)
     yield s
     s.clear()
 
@@ -218,18 +229,27 @@ def record_comparison(record, cmp: dict, labels: dict) -> None:
     record("positions_scored", cmp["tokens"], "token", **labels)
 
 
-def record_held(record, host, cache, config, labels: dict, base_cache=None) -> dict:
+def record_held(record, host, cache, config, labels: dict, base_cache=None, spec=None) -> dict:
+    """What the cache holds at the end, by part, from its arrays: layers it keeps uncompressed (a
+    model's sliding-window or linear-attention layers) count in bytes held (part ``uncompressed``).
+    ``spec``: the model, whose full-attention layers every host's cache must encode."""
     held = scoring.held_bytes(host, cache)
+    stores = host.stores(cache)
+    if spec is not None:
+        assert len(stores) >= len(spec.full_layers), (
+            f"the cache encodes {len(stores)} layers; {spec.name} has {len(spec.full_layers)} full-attention layers")
     fp = min(held["tokens"], config.sinks + config.window)
     enc = held["tokens"] - fp
     record("bytes_held", held["total"], "B", **labels)
     record("bits_per_channel", held["bits_per_channel"], "bit", **labels)
-    if enc:
-        # What the method stores per encoded token (TurboQuant: codes + norms), from its codecs' fields.
-        fields = {f for s in host.stores(cache) for c in (s.codec_k, s.codec_v) for f in c.fields()}
-        codes_bits = sum(held.get(f, 0) for f in fields) * 8 / (enc * held["channels"])
+    if enc and stores:
+        # What the method stores per encoded token (TurboQuant: codes + norms), from its codecs'
+        # fields, per channel of the layers it encodes.
+        fields = {f for s in stores for c in (s.codec_k, s.codec_v) for f in c.fields()}
+        channels = sum(s.kv_heads * (s.codec_k.dim + s.codec_v.dim) for s in stores)
+        codes_bits = sum(held.get(f, 0) for f in fields) * 8 / (enc * channels)
         record("bits_per_channel_codes", codes_bits, "bit", **labels)
-    for part in ("codes", "norms", "sinks", "window", "other"):
+    for part in ("codes", "norms", "sinks", "window", "other", "spare", "uncompressed"):
         if part in held:
             record(f"bytes_{part}", held[part], "B", **labels)
     if base_cache is not None:
@@ -246,10 +266,13 @@ def record_seconds(record, secs: dict, labels: dict) -> None:
     record("scoring_cpu_seconds", secs["cpu"], "s", **labels)
 
 
-def check(record, label: str, cmp: dict, labels: dict, *, chunk: int, backend: str, mode: str = "cache") -> None:
-    """The perplexity gate of one scoring, and whether a measured band was there to check it."""
-    status = gates.check_perplexity(label, cmp, chunk=chunk, backend=backend, mode=mode, model=labels["model"])
-    record("gate_calibrated", 1.0 if status == "calibrated" else 0.0, "bool", gate="perplexity", **labels)
+def check(record, label: str, cmp: dict, labels: dict, *, chunk: int, backend: str, model: dict,
+          mode: str = "cache") -> None:
+    """The perplexity gate of one scoring (bands from ``model``'s calibration table), and whether a
+    measured band was there to check it."""
+    status = gates.check_perplexity(label, cmp, chunk=chunk, backend=backend, mode=mode, model=model)
+    record("gate_calibrated", 1.0 if status == "calibrated" else 0.0, "bool", gate="perplexity",
+           calibration=gates.calibration(model), **labels)
 
 
 def measure(scorer, backend, config, protocol, record, *, extra=None):
@@ -258,7 +281,7 @@ def measure(scorer, backend, config, protocol, record, *, extra=None):
     labels = protocol_labels(config, protocol, scorer.spec, **({"extra": extra} if extra else {}))
     record_comparison(record, cmp, labels)
     base_cache = scorer.baseline(backend, protocol)[1]
-    held = record_held(record, hosts.get(backend), cache, config, labels, base_cache)
+    held = record_held(record, hosts.get(backend), cache, config, labels, base_cache, scorer.spec)
     record_seconds(record, secs, labels)
     assert held["tokens"] == protocol.tokens - 1, f"cache holds {held['tokens']} tokens, fed {protocol.tokens - 1}"
     return cmp, held, labels
@@ -278,7 +301,7 @@ def test_perplexity(backend, cache_config, tier, scorer, record):
     cmp, held, labels = measure(scorer, backend, cache_config, protocol, record)
     if cache_config.label == registry.DEFAULT.label:
         record_goal(record, cmp, held, labels)
-    check(record, cache_config.label, cmp, labels, chunk=1, backend=backend)
+    check(record, cache_config.label, cmp, labels, chunk=1, backend=backend, model=scorer.model)
 
 
 @pytest.mark.nightly
@@ -288,7 +311,7 @@ def test_headline(backend, scorer, record):
     protocol = Protocol(HEADLINE_TOKENS, 1)
     cmp, held, labels = measure(scorer, backend, config, protocol, record, extra="headline")
     record_goal(record, cmp, held, labels)
-    check(record, config.label, cmp, labels, chunk=1, backend=backend)
+    check(record, config.label, cmp, labels, chunk=1, backend=backend, model=scorer.model)
 
 
 # ---- protocol extras ----------------------------------------------------------------------------
@@ -297,7 +320,7 @@ def test_perplexity_chunked(backend, cache_config, tier, scorer, record):
     default_tier_runs(tier, backend, "chunked", cache_config.label)
     protocol = Protocol(tokens_for(tier, CHUNK), CHUNK)
     cmp, _, labels = measure(scorer, backend, cache_config, protocol, record, extra=f"chunk{CHUNK}")
-    check(record, cache_config.label, cmp, labels, chunk=CHUNK, backend=backend)
+    check(record, cache_config.label, cmp, labels, chunk=CHUNK, backend=backend, model=scorer.model)
 
 
 @pytest.mark.parametrize("chunk", [1, CHUNK], ids=lambda v: f"chunk={v}")
@@ -312,7 +335,7 @@ def test_plain(backend, chunk, tier, scorer, record):
     protocol = Protocol(tokens_for(tier, chunk), chunk)
     cmp, held, labels = measure(scorer, backend, config, protocol, record, extra="plain")
     assert held["sinks"] == held["window"] == 0
-    check(record, config.label, cmp, labels, chunk=chunk, backend=backend)
+    check(record, config.label, cmp, labels, chunk=chunk, backend=backend, model=scorer.model)
 
 
 @pytest.mark.parametrize("variant", ["plain", "default"], ids=lambda v: f"variant={v}")
@@ -342,13 +365,13 @@ def test_simulated(backend, chunk, variant, tier, scorer, record):
     record_comparison(record, cmp, labels)
     record("kld_vs_cache_mode", scoring.compare(cache_lp, lp, ids)["kld_mean"], "nats", **labels)
     record("max_abs_dlogprob_vs_cache_mode", diff, "nats", **labels)
-    record_held(record, hosts.get(backend), cache, config, labels)
+    record_held(record, hosts.get(backend), cache, config, labels, spec=scorer.spec)
     record_seconds(record, secs, labels)
     # Quantizing a chunk's own K/V too can only add error on top of cache mode (plain: clearly).
     if variant == "plain":
         assert cmp["kld_mean"] > cache_cmp["kld_mean"], (
             f"simulated KLD {cmp['kld_mean']:.4g} <= cache-mode KLD {cache_cmp['kld_mean']:.4g}")
-    check(record, config.label, cmp, labels, chunk=chunk, backend=backend, mode="simulated")
+    check(record, config.label, cmp, labels, chunk=chunk, backend=backend, model=scorer.model, mode="simulated")
 
 
 # ---- noise floors -------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ Measurements (``record``):
   labels ``dtype``, ``vectors``. GB/s is input bytes / time: the float vectors for encode, the
   packed codes + fp16 norms for decode (``out_gb_per_s`` gives decode's float output rate).
   Input dtype: fp16 on torch-cuda and mlx, fp32 on torch-cpu.
-* ``test_model_tokens_per_s``: the real model (``load_model``), a prompt of the corpus's first
-  256 tokens (nightly 512) prefilled in one call, then ``NEW_TOKENS`` (32) greedy tokens one at a
-  time. mlx on CPU runs it only in nightly (time budget). ``prefill_tokens_per_s``
+* ``test_model_tokens_per_s``: the real model (``load_model``: ``--tq-model``, else the default), a
+  prompt of the corpus's first 256 tokens (nightly 512) prefilled in one call, then ``NEW_TOKENS``
+  (32) greedy tokens one at a time. mlx on CPU runs it only in nightly (time budget). ``prefill_tokens_per_s``
   and ``decode_tokens_per_s`` with ``cache=baseline`` and ``cache=<config label>``, and
   ``speed_ratio`` (compressed / baseline tokens/s, label ``phase``). pytest-benchmark's own stats
   time the compressed decode loop.
@@ -234,6 +234,9 @@ def test_model_tokens_per_s(backend, host, tier, request, corpus, real_spec, loa
         # Linux CPU mlx: ~25 s of CPU even with OpenBLAS (minutes with the wheel's reference
         # BLAS, see Conditions.gemm_gflops); the default tier's budget keeps it to the codec and cache tests.
         pytest.skip("mlx on CPU: the real-model tokens/s run with --tq-tier nightly (default-tier time budget)")
+    if tier["prompt"] + NEW_TOKENS > real_spec.max_context:
+        pytest.skip(f"{real_spec.name} takes at most {real_spec.max_context} positions, the test feeds "
+                    f"{tier['prompt'] + NEW_TOKENS}")
     gflops = conditions.gemm_gflops(host)
     if gflops is not None and gflops < SLOW_GEMM_GFLOPS:
         pytest.skip(f"mlx GEMM runs {gflops:.1f} GFLOP/s here (the Linux wheel's reference BLAS): each "

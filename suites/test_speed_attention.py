@@ -1,7 +1,8 @@
 """Speed of attention over the compressed history vs bf16 attention over the same tokens, per layer.
 
-Llama-3-8B attention geometry (``SHAPE``: 32 query heads, 8 KV heads, head_dim 128), the default
-config K4/V2 + 4 sinks + 128-token window. For each (context, batch):
+Two attention geometries: the run's real model (``--tq-model``, else the default; its query heads,
+KV heads and head_dim, label ``model=<id>``) and Llama-3-8B (``SHAPE``: 32 query heads, 8 KV heads,
+head_dim 128), the default config K4/V2 + 4 sinks + 128-token window. For each (context, batch):
 
 * compressed: a layer store holding ``context`` tokens (history as codes, reserved exactly), and
   one decode query attending over all of it through ``View.attend`` — the query rotated once,
@@ -54,6 +55,10 @@ def _kind(backend: str) -> str:
 
 
 def pytest_generate_tests(metafunc):
+    if "spec" in metafunc.fixturenames:
+        # One full-attention layer of the run's real model, then the 8B shape (the README's table).
+        real = registry.real_spec(metafunc.config.getoption("--tq-model"))
+        metafunc.parametrize("spec", [real, SHAPE], ids=lambda s: f"model={s.name}")
     if "context" in metafunc.fixturenames and "batch" in metafunc.fixturenames:
         tier = metafunc.config.getoption("--tq-tier")
         cases = {}
@@ -73,14 +78,14 @@ def _threads(host):
 
 
 class Log:
-    """What this module measured, for the consistency check at its end: (backend, cache, batch) ->
-    {context: seconds}."""
+    """What this module measured, for the consistency check at its end: (backend, model, cache,
+    batch) -> {context: seconds}."""
 
     def __init__(self):
         self.times: dict = {}
 
-    def add(self, backend, cache, batch, context, seconds) -> None:
-        self.times.setdefault((backend, cache, batch), {})[context] = seconds
+    def add(self, backend, model, cache, batch, context, seconds) -> None:
+        self.times.setdefault((backend, model, cache, batch), {})[context] = seconds
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +97,13 @@ def _held_bytes(host, store) -> int:
     return sum(store.nbytes().values())
 
 
-def test_decode_attention_per_layer(backend, host, context, batch, tier, benchmark, record, log):
+def test_decode_attention_per_layer(backend, host, spec, context, batch, tier, benchmark, record, log):
     kind = _kind(backend)
     contexts, batches = GRID[tier, kind]
     if context not in contexts or batch not in batches:
         pytest.skip(f"{tier} tier on {kind}: contexts {contexts}, batches {batches}")
     dtype = timing.speed_dtype(host)
-    h, d, hq = SHAPE.kv_heads, SHAPE.head_dim, SHAPE.heads
+    h, d, hq = spec.kv_heads, spec.head_dim, spec.heads
     if batch * h * context * d * 2 * timing.itemsize(dtype) > BASELINE_BYTES_MAX:
         pytest.skip(f"the baseline K/V of batch {batch} x {context} tokens exceeds {BASELINE_BYTES_MAX >> 30} GiB")
     scale = d ** -0.5
@@ -148,7 +153,7 @@ def test_decode_attention_per_layer(backend, host, context, batch, tier, benchma
     gpu = {"baseline": host.gpu_time(lambda: base.attend(0, q, scale)),
            CONFIG.label: host.gpu_time(lambda: view.attend(q, scale))}
     wall = {"baseline": hand.median, CONFIG.label: med}
-    labels = dict(model=SHAPE.name, context=context, batch=batch, dtype=timing.dtype_name(dtype),
+    labels = dict(model=spec.name, context=context, batch=batch, dtype=timing.dtype_name(dtype),
                   **timing.conditions(host))
     for name, held in (("baseline", bytes_base), (CONFIG.label, bytes_tq)):
         record("attention_us", wall[name] * 1e6, "us", cache=name, **labels)
@@ -157,7 +162,7 @@ def test_decode_attention_per_layer(backend, host, context, batch, tier, benchma
         if gpu[name] is not None:
             record("attention_gpu_us", gpu[name] * 1e6, "us", cache=name, **labels)
         record("attention_gb_per_s_held", held / t / 1e9, "GB/s", cache=name, **labels)
-        log.add(backend, name, batch, context, t)
+        log.add(backend, spec.name, name, batch, context, t)
     on = "gpu" if gpu[CONFIG.label] is not None else "wall"
     t_base = gpu["baseline"] if on == "gpu" else wall["baseline"]
     t_tq = gpu[CONFIG.label] if on == "gpu" else wall[CONFIG.label]
@@ -215,7 +220,7 @@ def test_longest_context_in_budget(backend, host, benchmark, record):
 
 
 def test_time_grows_with_context(log):
-    """Sanity: for each (backend, cache, batch), a longer context never takes much less time than a
+    """Sanity: for each (backend, model, cache, batch), a longer context never takes much less time than a
     shorter one (tolerance 25 %: noise and fixed per-call overhead at short contexts)."""
     if not log.times:
         pytest.skip("no decode-attention timings in this run (benchmarks disabled or deselected)")

@@ -139,19 +139,24 @@ class TorchHost:
         return x.numel() * x.element_size()
 
     def gpu_time(self, fn, rounds: int = 20, warmup: int = 3) -> float | None:
-        """Median seconds of device time per call of ``fn`` (no arguments), replayed as a CUDA graph
-        and timed with CUDA events; None on CPU (there the call's wall time is what counts)."""
+        """Median seconds of device time per call of ``fn`` (no arguments; or a list of such calls, e.g.
+        one per input copy larger than the L2 cache, timed per call), replayed as a CUDA graph and
+        timed with CUDA events; None on CPU (there the call's wall time is what counts)."""
         if self.device != "cuda":
             return None
+        fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                fn()
+                for f in fns:
+                    f()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for f in fns:
+                f()
+        graph.replay()
         times = []
         for _ in range(rounds):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,7 +164,7 @@ class TorchHost:
             graph.replay()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / len(fns))
         del graph
         return sorted(times)[len(times) // 2]
 
