@@ -11,6 +11,12 @@ Metrics are declared in ``reports/registry.py`` (unit, direction, meaning): ``re
 test on a metric that is not there, or on a unit other than the registered one, so the suites and
 the reports read one list.
 
+What the run covered is recorded at collection (``run.selection``): the items collected per suite,
+the suites the checkout has, -k/-m expressions, deselected items, ``--benchmark-only`` and the
+harness options that narrow the matrix (``--tq-config``, ``--tq-method``, ``--tq-model``,
+``--tq-corpus``), so a report can tell a run of the whole default matrix from a partial one. A test
+that used pytest-benchmark also leaves the spread of its timed rounds (``timings``).
+
 Measurements survive the run (``reports/stream.py``): each record is appended to a partial file
 the moment it is taken, so Ctrl-C, SIGTERM or SIGKILL keep what was measured; the results file
 then carries ``run.incomplete`` (why) and ``run.exitstatus``. SIGTERM ends the session like Ctrl-C
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections import Counter
 
 import pytest
 
@@ -81,6 +88,8 @@ class Recorder:
 
 RECORDER = pytest.StashKey[Recorder]()  # this process's recorder
 RUN_INFO = pytest.StashKey[dict]()  # run facts a harness adds to the provenance (target, tier, model, ...)
+DESELECTED = pytest.StashKey[int]()  # items deselected (-k, -m, a plugin's pytest_deselected)
+NARROWING_OPTIONS = ("--tq-config", "--tq-method", "--tq-model", "--tq-corpus")
 
 
 def _labels_from(item) -> dict:
@@ -260,6 +269,56 @@ def _note_run(config, rec: Recorder) -> None:
         rec.run_seen = now
 
 
+def _suite(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py").removeprefix("test_")
+
+
+def selection(session) -> dict:
+    """What this session selected: items per suite, the suites the checkout has, and everything that
+    narrowed the selection (expressions, deselection, ``--benchmark-only``, matrix options)."""
+    config = session.config
+    root = pathlib.Path(str(config.rootpath))
+    available = sorted(p.stem.removeprefix("test_") for p in (root / "suites").glob("test_*.py"))
+    args = []
+    for a in config.args:
+        try:
+            a = str(pathlib.Path(a.split("::")[0]).resolve().relative_to(root)) + (
+                "::" + a.split("::", 1)[1] if "::" in a else "")
+        except ValueError:
+            pass
+        args.append(a)
+    opts = {}
+    for name in NARROWING_OPTIONS:
+        v = config.getoption(name, default=None)
+        if v:
+            opts[name] = v
+    per_suite = Counter(_suite(i.nodeid) for i in session.items)
+    return {"items": len(session.items), "suites": dict(sorted(per_suite.items())),
+            "available_suites": available, "args": args, "keyword": config.getoption("keyword", default="") or None,
+            "markexpr": config.getoption("markexpr", default="") or None,
+            "deselected": config.stash.get(DESELECTED, 0),
+            "benchmark_only": bool(config.getoption("benchmark_only", default=False)),
+            "benchmark_disabled": bool(config.getoption("benchmark_disable", default=False)),
+            "options": opts}
+
+
+def _timing(item) -> dict | None:
+    """The spread of the rounds pytest-benchmark timed in ``item`` (seconds per round), or None."""
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    meta = getattr(bench, "stats", None)
+    st = getattr(meta, "stats", None)
+    if st is None or not getattr(st, "rounds", 0):
+        return None
+    try:
+        out = {"rounds": int(st.rounds)}
+        for k in ("min", "q1", "median", "q3", "max", "stddev"):
+            v = float(getattr(st, k))
+            out[k] = v if math.isfinite(v) else None
+        return out
+    except (TypeError, ValueError, ZeroDivisionError):  # a stats object of another shape: no spread
+        return None
+
+
 # ---- hooks -------------------------------------------------------------------------------------
 def pytest_configure(config):
     win = getattr(config, "workerinput", None) or {}
@@ -286,10 +345,20 @@ def pytest_sessionstart(session):
         _open(session.config)
 
 
+def pytest_deselected(items):
+    if items:
+        config = items[0].config
+        config.stash[DESELECTED] = config.stash.get(DESELECTED, 0) + len(items)
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     if any("record" in getattr(item, "fixturenames", ()) for item in session.items):
+        info = session.config.stash.get(RUN_INFO, None)
+        if info is None:
+            info = session.config.stash[RUN_INFO] = {}
+        info["selection"] = selection(session)  # in the partial file's header: a worker's or a killed run's keeps it
         _open(session.config)
 
 
@@ -313,6 +382,10 @@ def pytest_runtest_makereport(item, call):
         rec.tests[item.nodeid] = outcome
         if rec.writer is not None:
             rec.writer.write({"kind": "test", "test": item.nodeid, "outcome": outcome})
+    if rep.when == "call" and rec.writer is not None:
+        spread = _timing(item)
+        if spread is not None:
+            rec.writer.write({"kind": "timing", "test": item.nodeid, "timing": spread})
     if rec.writer is not None and rep.when == "teardown":
         _note_run(item.config, rec)
     return rep

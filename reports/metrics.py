@@ -24,6 +24,8 @@ DEFAULT_BASELINE = {
     "generation": "greedy generation with the uncompressed cache",
     "needle": "uncompressed cache, same prompts",
     "speed": "uncompressed cache / fp16 vectors on the same machine",
+    "speed_attention": "the same tokens as 16-bit K/V (bf16 on a GPU, fp32 on torch's CPU), preallocated, read by "
+                       "the backend's scaled-dot-product attention (flash kernel on CUDA), same run",
 }
 
 

@@ -382,3 +382,107 @@ def speed_vs_baseline(g: pd.DataFrame) -> Figure:
 
 def generic(df: pd.DataFrame) -> list[Figure]:
     return layer_heatmaps(df)
+
+
+# ---- speed_attention: decode attention over the codes vs the baseline -------------------------
+def _batch_color(batches: list) -> dict:
+    return {b: charts.PALETTE[i % len(charts.PALETTE)] for i, b in enumerate(batches)}
+
+
+def _by_batch(rows: pd.DataFrame, x: str) -> list[tuple]:
+    """(batch, rows of that batch sorted by ``x``) with numeric batch order."""
+    out = []
+    for labels, g in groups(rows, ["batch"] if "batch" in rows else []):
+        g = g.assign(_x=pd.to_numeric(g[x], errors="coerce")).dropna(subset=["_x"]).sort_values("_x", kind="stable")
+        out.append((labels.get("batch"), g.drop_duplicates("_x")))
+    return out
+
+
+def _context_ticks(values) -> list | None:
+    vals = sorted({float(v) for v in values})
+    return [(v, f"{v / 1024:g}k" if v >= 1024 else fmt.num(v)) for v in vals] if len(vals) <= 12 else None
+
+
+def attention_latency(df: pd.DataFrame, metric: str, clock: str) -> Figure | None:
+    rows = metrics.match(df, rf"^{metric}$")
+    if rows.empty or "context" not in rows or "cache" not in rows:
+        return None
+    title = f"Decode attention latency vs context ({clock})"
+    batches = [b for b, _ in _by_batch(rows, "context")]
+    color = _batch_color(batches)
+    series = []
+    for cache, cg in groups(rows, ["cache"]):
+        base = metrics.is_baseline_config(cache["cache"])
+        for b, g in _by_batch(cg, "context"):
+            name = f"{'baseline' if base else show(cache['cache'])} · batch {show(b)}"
+            series.append(Series(name, list(g["_x"]), list(g["value"]), dash="5 3" if base else None,
+                                 color=color.get(b), meta={"cache": cache["cache"], "batch": b}))
+    series.sort(key=lambda s: (metrics.is_baseline_config(s.meta["cache"]), batches.index(s.meta["batch"])
+                               if s.meta["batch"] in batches else len(batches)))
+    series, caption = cap(series, "One layer's decode attention per call, log-log; one colour per batch: solid "
+                                  "the compressed cache (attention over the codes), dashed the baseline on the same "
+                                  "tokens. "
+                                  "Time per call should grow with context.")
+    return Figure(title, charts.xy_chart(series, title=title, x_label="context [tokens]", y_label=f"{metric} [µs]",
+                                         log_x=True, log_y=True, x_ticks=_context_ticks(rows["context"]),
+                                         width=560, height=330),
+                  caption, through=through(rows.drop(columns=["cache", "batch", "context"], errors="ignore")),
+                  metrics=[metric])
+
+
+def attention_speedup(df: pd.DataFrame) -> Figure | None:
+    rows = metrics.match(df, r"^attention_speedup$")
+    if rows.empty or "context" not in rows:
+        return None
+    bound = metrics.match(df, r"^attention_speedup_bound$")
+    clock = ", ".join(dict.fromkeys(show(c) for c in rows["clock"])) if "clock" in rows else "wall"
+    title = "Speed-up of attention over the codes vs context"
+    batches = [b for b, _ in _by_batch(rows, "context")]
+    color = _batch_color(batches)
+    series = [Series(f"batch {show(b)}", list(g["_x"]), list(g["value"]), color=color.get(b),
+                     meta={"batch": b}) for b, g in _by_batch(rows, "context")]
+    limit = []
+    if not bound.empty and "context" in bound:
+        for b, g in _by_batch(bound, "context"):
+            limit.append(Series(f"memory-bound limit (bytes ratio) · batch {show(b)}", list(g["_x"]), list(g["value"]),
+                                dash="2 3", color="#222222", marker=False, meta={"batch": b}))
+        limit = dedupe(limit)
+        if len(limit) == 1:
+            limit[0].name = "memory-bound limit: baseline bytes / compressed bytes held"
+    series, caption = cap(series + limit, f"Baseline time / compressed time per call ({clock} clock), one line per "
+                                          "batch; above 1 the compressed cache is faster. Dotted: the limit reading "
+                                          "fewer bytes allows (attention_speedup_bound); the line at 1 is as fast.")
+    return Figure(title, charts.xy_chart(series, title=title, x_label="context [tokens]",
+                                         y_label="speed-up vs baseline [×] (log)", log_x=True, log_y=True, hline=1.0,
+                                         x_ticks=_context_ticks(rows["context"]), width=560, height=330),
+                  caption, through=through(rows.drop(columns=["batch", "context", "clock"], errors="ignore")),
+                  metrics=names(rows, bound))
+
+
+def longest_context(df: pd.DataFrame) -> Figure | None:
+    rows = metrics.match(df, r"^max_context_tokens$")
+    if rows.empty or "cache" not in rows:
+        return None
+    ratio = metrics.match(df, r"^max_context_ratio$")
+    cats = [show(c) for c in rows["cache"]]
+    budget = rows["budget_bytes"].dropna() if "budget_bytes" in rows else pd.Series(dtype=object)
+    what = f"{fmt.bytes_h(budget.iloc[0])} KV budget" if not budget.empty else "the KV budget"
+    model = show(rows["model"].iloc[0]) if "model" in rows else ""
+    title = f"Longest context in {what}" + (f" ({model})" if model else "")
+    text = ", ".join(f"{c}: {fmt.num(v)} tokens" for c, v in zip(cats, rows["value"]))
+    if not ratio.empty:
+        text += f" — {ratio['value'].iloc[0]:.2f}× as many compressed"
+    svg = charts.bar_chart(cats, [("all", list(rows["value"]), None)], title=title, x_label="tokens held",
+                           width=560, value_fmt=lambda v: fmt.num(v))
+    return Figure(title, svg, f"Measured by allocating every layer's cache at that length: {text}.",
+                  through=through(rows.drop(columns=["cache", "bytes_held"], errors="ignore")),
+                  metrics=names(rows, ratio))
+
+
+def speed_attention(df: pd.DataFrame) -> list[Figure]:
+    figs = [attention_latency(df, "attention_gpu_us", "device time, CUDA graph"),
+            attention_latency(df, "attention_us", "wall clock per call"),
+            attention_speedup(df), longest_context(df)]
+    figs = [f for f in figs if f is not None]
+    return figs or [omitted("Decode attention speed", "no attention_us / attention_speedup / max_context_tokens "
+                                                      "records with context and cache labels in this run.")]

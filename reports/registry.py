@@ -184,6 +184,9 @@ _add("bits_per_channel_codes", "bit", "lower", "bits per channel of the encoded 
 for _part, _what in (("codes", "packed codes"), ("norms", "stored norms"), ("sinks", "full-precision attention sinks"),
                      ("window", "full-precision recent window"), ("other", "any other part of the compressed layers")):
     _add(f"bytes_{_part}", "B", "lower", f"bytes the compressed cache holds in its {_what}")
+_add("bytes_spare", "B", "lower", "bytes of history capacity the compressed cache has allocated but not yet filled")
+_add("bytes_uncompressed", "B", "none", "bytes held in layers the cache keeps uncompressed (sliding-window, linear "
+                                       "attention)")
 _add("bytes_baseline_cache", "B", "none", "bytes the uncompressed cache holds after the same scoring")
 _add("bits_per_channel_baseline", "bit", "none", "bits per channel the uncompressed cache holds (its dtype)")
 _add("tokens_held", "token", "none", "tokens the cache holds at the end of scoring")

@@ -1,6 +1,10 @@
-"""The newest results file of a target -> one self-contained HTML page (inline CSS and SVG, no script).
+"""A target's latest complete results file -> one self-contained HTML page (inline CSS and SVG, no script).
 
     python -m reports.render --target cpu [--results reports/results] [--out reports/cpu/index.html]
+    python -m reports.render --file reports/results/cuda/<file>.json [--out ...]   # one given run
+
+The run rendered for a target is its latest complete run (``reports.coverage``); where none is
+complete, the newest run, and the page says what it covered (partial) or why it stopped (incomplete).
 
 Imports neither torch nor mlx: pages can be rendered on any machine from the results files alone.
 """
@@ -15,7 +19,7 @@ import urllib.parse
 
 import jinja2
 
-from . import fmt, metrics, runs, sections, stream, summary
+from . import coverage, fmt, metrics, runs, sections, stream, summary
 from .runs import Run
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
@@ -25,8 +29,7 @@ PROVENANCE = ["target", "tier", "started", "commit", "commit_time", "dirty", "mo
               "seed", "backends", "skipped_backends", "machine", "versions"]
 
 
-SAVED_MEANING = ("1 − bytes_held / bytes_fp16_cache of the same memory test: the share of an fp16 cache's bytes "
-                 "the compressed cache does not hold (higher is better)")
+SAVED_MEANING = summary.SAVED_MEANING
 
 
 def href(path) -> str:
@@ -42,7 +45,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=fmt.num, pm=fmt.pm, date=fmt.date, bytes=fmt.bytes_h, short_commit=fmt.short_commit,
-                       href=href, meaning=metrics.meaning, status=summary.status)
+                       href=href, meaning=metrics.meaning, status=summary.status, coverage=coverage.of)
     return env
 
 
@@ -52,51 +55,23 @@ def provenance(run: Run) -> list[tuple[str, object]]:
     return [(k, run.run[k]) for k in keys if k in run.run and run.run[k] not in (None, {}, [])]
 
 
-def column_baselines(heads: list[dict]) -> dict[str, str]:
-    """Per headline column, the distinct baselines of its cells († where only the suite default is known)."""
-    out = {}
-    for h in summary.HEADLINES:
-        seen = dict.fromkeys(c.baseline + ("" if c.baseline_labelled else " †")
-                             for r in heads if (c := r["cells"][h.key]))
-        out[h.key] = "; ".join(seen) or fmt.DASH
-    return out
-
-
-def column_meanings(heads: list[dict]) -> dict[str, str]:
-    """Per headline column, what its numbers mean (from the registry), for the column's tooltip."""
-    out = {}
-    for h in summary.HEADLINES:
-        names = dict.fromkeys(c.metric for r in heads if (c := r["cells"][h.key]))
-        out[h.key] = "; ".join(f"{m}: {metrics.meaning(m)}" if m else SAVED_MEANING for m in names) or fmt.DASH
-    return out
-
-
-def column_vias(heads: list[dict]) -> dict[str, str]:
-    """Per headline column, the most common measured-through line; cells repeat theirs only when it differs."""
-    out = {}
-    for h in summary.HEADLINES:
-        vias = [c.via for r in heads if (c := r["cells"][h.key])]
-        out[h.key] = max(dict.fromkeys(vias), key=vias.count) if vias else fmt.DASH
-    return out
-
-
-def context(run: Run) -> dict:
-    """Everything the report template needs, computed from one results file."""
+def context(run: Run, speed_from: list[Run] | None = None) -> dict:
+    """Everything the report template needs, computed from one results file (``speed_from``: runs of
+    the same commit whose speed records fill the headline's speed column)."""
     gates = summary.gates(run)
-    heads = summary.headlines(run)
-    bits_map = {(r["config"], r["backend"]): r["cells"]["bits"].value for r in heads if r["cells"]["bits"]}
-    secs = sections.build(run.frame(), gates["suites"], bits_map) if run.records else []
-    return {"run": run, "gates": gates, "headlines": heads, "headline_defs": summary.HEADLINES,
-            "head_baselines": column_baselines(heads), "head_meanings": column_meanings(heads),
-            "head_vias": column_vias(heads), "schema": runs.SCHEMA,
+    head = summary.table(run, speed_from)
+    bits_map = {(r["config"], r["backend"]): r["cells"]["bits"].value for r in head if r["cells"]["bits"]}
+    secs = sections.build(run.frame(), gates["suites"], bits_map, run.run.get("speed"), gates["suite_status"],
+                          gates["uncalibrated"]) if run.records or run.run.get("speed") else []
+    return {"run": run, "gates": gates, "head": head, "headline_defs": summary.HEADLINES,
+            "schema": runs.SCHEMA, "coverage": coverage.of(run),
             "sections": secs, "section_ids": {s.suite for s in secs}, "provenance": provenance(run),
-            "source": run.path.name,
-            "unlabelled_baselines": any(not c.baseline_labelled for r in heads for c in r["cells"].values() if c)}
+            "source": run.path.name}
 
 
-def page(run: Run, links: dict | None = None) -> str:
+def page(run: Run, links: dict | None = None, speed_from: list[Run] | None = None) -> str:
     """The HTML report of one run; ``links`` adds a navigation bar (used by the site)."""
-    return environment().get_template("report.html.j2").render(**context(run), links=links or {})
+    return environment().get_template("report.html.j2").render(**context(run, speed_from), links=links or {})
 
 
 def write(path: pathlib.Path, html: str) -> pathlib.Path:
@@ -107,19 +82,42 @@ def write(path: pathlib.Path, html: str) -> pathlib.Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m reports.render", description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="results folder name: cpu, cuda, metal, mlx, ...")
+    p.add_argument("--target", default=None, help="results folder name: cpu, cuda, metal, mlx, ...")
+    p.add_argument("--file", default=None, help="render this results file instead of a target's latest complete run")
     p.add_argument("--results", default=None, help="results root (default: $TQ_RESULTS_DIR or reports/results)")
     p.add_argument("--out", default=None, help="output file (default: reports/<target>/index.html)")
     args = p.parse_args(argv)
+    if (args.target is None) == (args.file is None):
+        print("reports.render: error: give --target (its latest complete run) or --file (one results file)",
+              file=sys.stderr)
+        return 2
     try:
-        stream.check_target(args.target)  # it names a folder under reports/: no path may climb out
-        run = runs.newest(runs.results_dir(args.results), args.target)
-    except (FileNotFoundError, ValueError) as e:
+        if args.file:
+            run = runs.load(args.file)
+            target = stream.check_target(run.target)
+        else:
+            target = stream.check_target(args.target)  # it names a folder under reports/: no path may climb out
+            run = pick_run(runs.results_dir(args.results), target)
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"reports.render: error: {e}", file=sys.stderr)
         return 2
-    out = write(pathlib.Path(args.out) if args.out else REPORTS / args.target / "index.html", page(run))
-    print(f"reports.render: {run.path.name} ({len(run.records)} records) -> {out}")
+    out = write(pathlib.Path(args.out) if args.out else REPORTS / target / "index.html", page(run))
+    cov = coverage.of(run)
+    print(f"reports.render: {run.path.name} ({len(run.records)} records, {cov.kind}) -> {out}")
     return 0
+
+
+def pick_run(root: pathlib.Path, target: str) -> Run:
+    """A target's latest complete run; the newest run when none is complete (said on stderr)."""
+    good, bad = runs.scan(root, target)
+    if not good:
+        runs.newest(root, target)  # raises FileNotFoundError naming what is there
+    run = coverage.headline_run(good)
+    if run is None:
+        run = coverage.latest(good)
+        print(f"reports.render: no complete run of target {target!r}: rendering the newest, "
+              f"{run.path.name} ({coverage.of(run).text})", file=sys.stderr)
+    return run
 
 
 if __name__ == "__main__":

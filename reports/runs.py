@@ -44,6 +44,7 @@ class Run:
     records: list[dict]
     tests: dict[str, str]
     _frame: pd.DataFrame | None = field(default=None, repr=False)
+    timings: dict = field(default_factory=dict)  # {test id: {rounds, min, q1, median, q3, max, stddev}}
 
     @property
     def target(self) -> str:
@@ -176,7 +177,17 @@ def load(path: str | os.PathLike) -> Run:
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     run, records, tests = validate(data)
-    return Run(path, run, records, tests)
+    return Run(path, run, records, tests, timings=timings_of(data))
+
+
+def timings_of(data: dict) -> dict:
+    """The spread of each test's timed rounds (``run.timings``); entries of another shape are passed over
+    (they only make the noise estimate less informed)."""
+    raw = data.get("timings") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict)
+            and all(stream.finite(v.get(q)) for q in ("q1", "median", "q3"))}
 
 
 def targets(root: pathlib.Path, warn=warn) -> list[str]:

@@ -1,52 +1,71 @@
 """The nightly site: a pure function of the results folder -> static HTML pages.
 
     tq report [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05]
-    python -m reports.site [same options]
+    python -m reports.site [same options] [--dppl-regress 0.5] [--noise-k 3] [--se-k 2]
 
 Pages (all self-contained, relative links only):
-    index.html                  every target: latest status, headline numbers, flagged regressions
-    <target>/index.html         trends of the key metrics across commits, regressions, run history
-    <target>/latest.html        the full report of the target's latest run
-    <target>/runs/<file>.html   the full report of each run a flagged regression points at (and the run before)
+    index.html                  every target: its headline (the latest complete run), runs newer than it
+                                (partial or incomplete, said as such), flagged regressions
+    <target>/index.html         the headline table per config, regressions judged against the noise, trends
+                                (one line per series: protocol, device and weights in the key), run history
+    <target>/latest.html        the full report of the target's latest *complete* run (none when no run is)
+    <target>/runs/<file>.html   the full report of every run (a permanent link)
+
+Which run is complete: ``reports.coverage``; series keys and the noise model: ``reports.trends``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import charts, fmt, plots, render, runs, summary, trends
+from . import charts, coverage, fmt, plots, render, runs, summary, trends
 from .charts import Series
 from .runs import Run
 
 MARKER = ".tq-site"  # a folder holding this file was written by build() and may be replaced by it
 MAX_TICKS = 14
+INDEX_KEYS = ("bits", "bits32k", "saved", "dppl", "kld", "top1", "needle", "speed")  # headline columns on the index
 
 
 @dataclass
 class TargetPage:
     name: str
-    runs: list[Run]
-    latest: Run
-    gates: dict
-    headline: dict | None
+    runs: list[Run]  # trend order
+    latest: Run | None  # the latest complete run: the target's headline and latest.html (None: no complete run)
+    gates: dict | None  # of ``latest``
+    headline: dict | None  # the first row of ``head`` (the index shows it)
     regressions: list = field(default_factory=list)
     flags: list = field(default_factory=list)
-    groups: list = field(default_factory=list)  # [{"title", "runs", "figures"}]
+    groups: list = field(default_factory=list)  # [{"model", "corpus", "source", "runs", "figures"}]
     run_pages: dict = field(default_factory=dict)  # stem -> relative href from the target folder
     skipped: list = field(default_factory=list)  # [(file, why)] results files that could not be read
+    head: summary.HeadlineTable | None = None
+    newest: Run | None = None  # the run that started last, whatever it covered
+    coverage: dict = field(default_factory=dict)  # path -> coverage.Coverage
+    newer: list = field(default_factory=list)  # runs started after ``latest`` (partial or incomplete)
+    speed_from: list = field(default_factory=list)  # speed runs of the headline's commit feeding its speed column
+
+    @property
+    def unconfirmed(self) -> list:
+        return [r for r in self.regressions if not r.confirmed]
+
+    @property
+    def confirmed(self) -> list:
+        return [r for r in self.regressions if r.confirmed]
 
 
 def run_groups(rs: list[Run]) -> list[tuple[tuple, list[Run]]]:
-    """Runs split by (model, corpus sha256), the latest run's group first: trends never mix them."""
+    """Runs split by (model, corpus sha256), the latest run's group first: sections of the trend page."""
     out: dict[tuple, list[Run]] = {}
     for r in rs:
         out.setdefault((r.model, r.corpus_sha), []).append(r)
-    latest = max(rs, key=lambda r: (r.started, r.path.name))
+    latest = coverage.latest(rs)
     return sorted(out.items(), key=lambda kv: kv[0] != (latest.model, latest.corpus_sha))
 
 
@@ -56,40 +75,64 @@ def ticks(rs: list[Run]) -> tuple[list, dict]:
     return [(i, (r.commit or "none")[:7]) for i, r in enumerate(rs) if i % step == 0 or i == len(rs) - 1], names
 
 
+def _as_record(rec: dict) -> dict:
+    """A flat headline record (labels merged) back in the results file's shape."""
+    return {**{k: rec.get(k) for k in summary.CORE},
+            "labels": {k: v for k, v in rec.items() if k not in summary.CORE}}
+
+
+def cell_key(run: Run, key: str, cell) -> trends.Key:
+    """The series of a headline cell: its record's series (model, weights, corpus, device, tier and
+    every input label), named after the headline column (a projection or a computed share has its own)."""
+    k = trends.key_of(run, _as_record(cell.rec))
+    return dataclasses.replace(k, metric=f"headline:{key}")
+
+
+def _marks(flags: list, rs: list[Run], pred) -> list:
+    index = {r.path: i for i, r in enumerate(rs)}
+    return sorted({(index[f.at.run.path], f"{f.rule.name} {f.change_text} at {(f.at.run.commit or '')[:7]}")
+                   for f in flags if f.at.run.path in index and pred(f)})
+
+
 def headline_trends(rs: list[Run], flags: list, cache: dict) -> list:
-    """One chart per headline metric: a line per (config, backend) across the runs of one group."""
+    """One chart per headline column: one line per series (config, backend and the protocol: tier,
+    tokens, chunk, ..., device, weights): points measured differently never share a line; the
+    legend names what tells the lines apart."""
     figs = []
     x_ticks, x_names = ticks(rs)
     for h in summary.HEADLINES:
-        lines: dict[tuple, Series] = {}
+        pts: dict[trends.Key, list] = {}
+        units = []
         for i, r in enumerate(rs):
             for row in cache[r.path]:
                 c = row["cells"][h.key]
-                if c is None:
+                if c is None or c.rec is None:
                     continue
-                meta = {"config": row["config"], "backend": row["backend"]}
-                s = lines.setdefault((row["config"], row["backend"]),
-                                     Series(plots.name_of(meta), [], [], [], meta=meta))
-                s.x.append(i)
-                s.y.append(c.value)
-                s.err.append(c.error)
-        if not lines:
+                pts.setdefault(cell_key(r, h.key, c), []).append((i, c))
+                units.append(c.unit)
+        if not pts:
             continue
-        cells = [c for r in rs for row in cache[r.path] if (c := row["cells"][h.key])]
-        unit = cells[0].unit
-        marks = [(rs.index(f.at.run), f"{f.rule.name} ↑ {f.at.run.commit[:7] if f.at.run.commit else ''}")
-                 for f in flags if f.at.run in rs and h.key == "kld" and f.rule.metric == "kld_mean"]
-        series = plots.dedupe(list(lines.values()))[: len(charts.PALETTE)]
-        names = [m for m in dict.fromkeys(c.metric for c in cells) if m]
+        names = trends.differing(list(pts))
+        series = [Series(names[k], [i for i, _ in v], [c.value for _, c in v], [c.error for _, c in v],
+                         meta=k.fields()) for k, v in pts.items()]
+        shown = series[: len(charts.PALETTE)]
+        more = f" ({len(shown)} of {len(series)} series)" if len(series) > len(shown) else ""
+        unit = units[0] if units else ""
+        metric_names = [m for m in dict.fromkeys(c.metric for v in pts.values() for _, c in v) if m]
+        marks = _marks(flags, rs, lambda f: f.rule.metric is not None and f.rule.metric in metric_names
+                       and f.key.label("config") in {k.label("config") for k in pts})
         figs.append(plots.Figure(h.title, charts.xy_chart(
-            series, title=h.title, x_label="commit (trend order)", y_label=f"{h.title} [{unit}]" if unit else h.title,
-            x_ticks=x_ticks, x_names=x_names, marks=sorted(set(marks)), width=560, height=280),
-            "" if names else render.SAVED_MEANING[:1].upper() + render.SAVED_MEANING[1:] + ".", metrics=names))
+            shown, title=h.title + more, x_label="run (trend order: commit time, then start)",
+            y_label=f"{h.title} [{unit}]" if unit else h.title, x_ticks=x_ticks, x_names=x_names, marks=marks,
+            width=560, height=280),
+            "One line per series: runs that measured under another protocol (tier, tokens, chunk, mode, device, "
+            "weights) are another line, never joined." + ("" if metric_names else " " + summary.MEANINGS.get(
+                h.key, "")), metrics=metric_names))
     return figs
 
 
 def throughput_trends(rs: list[Run], flags: list, rules: list) -> list:
-    """One chart per throughput metric and unit: a line per label set, across the runs of one group."""
+    """One chart per throughput metric and unit: a line per series, across the runs of one group."""
     rule = next((r for r in rules if r.metric is None), None)
     if rule is None:
         return []
@@ -103,49 +146,58 @@ def throughput_trends(rs: list[Run], flags: list, rules: list) -> list:
     flagged_keys = {f.key for f in flags}
     for (suite, metric, unit), items in by_metric.items():
         items = sorted(items, key=lambda kp: kp[0] not in flagged_keys)  # flagged series are drawn first
-        merged = plots.dedupe([Series(k.label_text, [index[p.run.path] for p in pts], [p.value for p in pts],
-                                      [p.error for p in pts], meta=dict(k.labels)) for k, pts in items])
+        names = trends.differing([k for k, _ in items], always=())
+        merged = plots.dedupe([Series(names[k], [index[p.run.path] for p in pts], [p.value for p in pts],
+                                      [p.error for p in pts], meta=k.fields()) for k, pts in items])
         series = merged[: len(charts.PALETTE)]
-        marks = [(index[f.at.run.path], f"−{100 * f.rule.threshold:g}% ↓ {(f.at.run.commit or '')[:7]}")
-                 for f in flags if f.key.metric == metric and f.at.run.path in index]
+        marks = _marks(flags, rs, lambda f: f.key.metric == metric)
         more = f" ({len(series)} of {len(merged)} series)" if len(merged) > len(series) else ""
         figs.append(plots.Figure(f"{suite}: {metric}", charts.xy_chart(
-            series, title=f"{suite}: {metric}{more}", x_label="commit (trend order)", y_label=unit, x_ticks=x_ticks,
-            x_names=x_names, marks=sorted(set(marks)), width=560, height=280), metrics=[metric]))
+            series, title=f"{suite}: {metric}{more}", x_label="run (trend order: commit time, then start)",
+            y_label=unit, x_ticks=x_ticks, x_names=x_names, marks=marks, width=560, height=280), metrics=[metric]))
     return figs
 
 
-def target_page(name: str, rs: list[Run], rules: list, skipped: list | None = None) -> TargetPage:
-    latest = max(rs, key=lambda r: (r.started, r.path.name))
+def target_page(name: str, rs: list[Run], rules: list, skipped: list | None = None,
+                noise: trends.Noise | None = None) -> TargetPage:
+    cov = {r.path: coverage.of(r) for r in rs}
+    head_run = coverage.headline_run(rs)
+    newest = coverage.latest(rs)
+    speed_from = [r for r in coverage.speed_runs(rs, head_run.commit) if r is not head_run] if head_run else []
     cache = {r.path: summary.headlines(r) for r in rs}
-    regs = trends.regressions(rs, rules)
+    regs = trends.regressions(rs, rules, noise)
     flags = trends.flagged(regs)
-    heads = cache[latest.path]
-    page = TargetPage(name, rs, latest, summary.gates(latest), heads[0] if heads else None, regs, flags,
-                      skipped=[(p.name, why) for p, why in skipped or []])
+    head = summary.table(head_run, speed_from) if head_run else None
+    page = TargetPage(name, rs, head_run, summary.gates(head_run) if head_run else None,
+                      head.rows[0] if head else None, regs, flags, skipped=[(p.name, why) for p, why in skipped or []],
+                      head=head, newest=newest, coverage=cov, speed_from=speed_from,
+                      newer=[r for r in rs if head_run is None or (r.started, r.path.name) > (head_run.started,
+                                                                                                 head_run.path.name)])
+    page.newer.sort(key=lambda r: (r.started, r.path.name), reverse=True)
     for (model, corpus), grs in run_groups(rs):
         source = (grs[-1].run.get("corpus") or {}).get("source", "")
         figs = headline_trends(grs, flags, cache) + throughput_trends(grs, flags, rules)
         page.groups.append({"model": model, "corpus": corpus, "source": source, "runs": grs, "figures": figs})
-    for f in flags:
-        for r in (f.before.run, f.at.run):
-            page.run_pages[r.stem] = f"runs/{r.stem}.html"
+    for r in rs:
+        page.run_pages[r.stem] = f"runs/{r.stem}.html"  # a permanent link; latest.html is the headline run's copy
     return page
 
 
 def build(results: str | pathlib.Path | None = None, out: str | pathlib.Path | None = None,
-          kld_regress: float = 0.10, speed_regress: float = 0.05) -> list[pathlib.Path]:
+          kld_regress: float = 0.10, speed_regress: float = 0.05, dppl_regress: float = 0.5,
+          noise: trends.Noise | None = None) -> list[pathlib.Path]:
     """Write the site for every target under ``results`` into ``out``; returns the pages written."""
     root = runs.results_dir(results)
     out = pathlib.Path(out) if out else render.REPORTS / "site"
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} is not empty and was not written by tq report: refusing to replace it")
-    rules = trends.default_rules(kld_regress, speed_regress)
+    rules = trends.default_rules(kld_regress, speed_regress, dppl_regress)
+    noise = noise or trends.Noise()
     scans = {n: runs.scan(root, n) for n in runs.targets(root)}
     scans = {n: sc for n, sc in scans.items() if sc[0]}
     if not scans:
         raise FileNotFoundError(f"no readable results files under {root}/<target>/ (run the suites first)")
-    pages = [target_page(n, good, rules, bad) for n, (good, bad) in scans.items()]
+    pages = [target_page(n, good, rules, bad, noise) for n, (good, bad) in scans.items()]
     env = render.environment()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=".site-"))
@@ -155,16 +207,19 @@ def build(results: str | pathlib.Path | None = None, out: str | pathlib.Path | N
             written.append(render.write(tmp / rel, html))
 
         put("index.html", env.get_template("index.html.j2").render(
-            targets=pages, rules=rules, results=root.name, headline_defs=summary.HEADLINES))
+            targets=pages, rules=rules, noise=noise, results=root.name, headline_defs=summary.HEADLINES,
+            index_keys=INDEX_KEYS))
         for p in pages:
             put(f"{p.name}/index.html", env.get_template("target.html.j2").render(
-                t=p, rules=rules, headline_defs=summary.HEADLINES))
-            put(f"{p.name}/latest.html", render.page(p.latest, links={"← all targets": "../index.html",
-                                                                      f"{p.name} trends": "index.html"}))
+                t=p, rules=rules, noise=noise, headline_defs=summary.HEADLINES))
+            if p.latest is not None:
+                put(f"{p.name}/latest.html", render.page(p.latest, links={"← all targets": "../index.html",
+                                                                          f"{p.name} trends": "index.html"},
+                                                         speed_from=p.speed_from))
             for r in p.runs:
-                if r.stem in p.run_pages:
-                    put(f"{p.name}/{p.run_pages[r.stem]}", render.page(r, links={
-                        "← all targets": "../../index.html", f"{p.name} trends": "../index.html"}))
+                put(f"{p.name}/{p.run_pages[r.stem]}", render.page(r, links={
+                    "← all targets": "../../index.html", f"{p.name} trends": "../index.html"},
+                    speed_from=p.speed_from if r is p.latest else None))
         (tmp / MARKER).write_text("written by tq report (reports/site.py); replaced on every build\n")
         if out.exists():
             shutil.rmtree(out)
@@ -179,9 +234,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=None, help="results folder (default: $TQ_RESULTS_DIR or reports/results)")
     p.add_argument("--out", default=None, help="site folder (default: reports/site)")
     p.add_argument("--kld-regress", type=float, default=0.10,
-                   help="flag mean KLD up by more than this fraction vs the previous run (default 0.10)")
+                   help="minimum effect: mean KLD up by more than this fraction of its reference (default 0.10)")
     p.add_argument("--speed-regress", type=float, default=0.05,
-                   help="flag throughput down by more than this fraction vs the previous run (default 0.05)")
+                   help="minimum effect: throughput down by more than this fraction (default 0.05)")
+    p.add_argument("--dppl-regress", type=float, default=0.5,
+                   help="minimum effect: ΔPPL up by more than this many percentage points (default 0.5)")
+    p.add_argument("--noise-k", type=float, default=3.0,
+                   help="flag only beyond this many sd of the runs' scatter or the timed rounds' spread (default 3)")
+    p.add_argument("--se-k", type=float, default=2.0,
+                   help="flag only beyond this many recorded standard errors (default 2)")
 
 
 def run(args) -> int:
@@ -189,7 +250,9 @@ def run(args) -> int:
     for name in ("kld_regress", "speed_regress"):
         if not 0 < getattr(args, name) < 10:
             raise ValueError(f"--{name.replace('_', '-')} must be a fraction > 0, got {getattr(args, name)}")
-    pages = build(args.results, args.out, args.kld_regress, args.speed_regress)
+    noise = trends.Noise(k=getattr(args, "noise_k", None) or 3.0, k_se=getattr(args, "se_k", None) or 2.0)
+    pages = build(args.results, args.out, args.kld_regress, args.speed_regress,
+                  getattr(args, "dppl_regress", None) or 0.5, noise)
     site = pages[0].parent
     print(f"tq report: {len(pages)} pages in {site}")
     for p in pages:

@@ -12,6 +12,7 @@ flushed and fsync'd as it is written:
     {"kind": "begin", "test": id}                a test started
     {"kind": "record", "record": {...}}          one measurement, as in the results file
     {"kind": "test", "test": id, "outcome": o}   a test's outcome
+    {"kind": "timing", "test": id, "timing": {}} the spread of the rounds pytest-benchmark timed in a test
     {"kind": "run", "run": {...}}                run facts a test added (e.g. weights_sha256)
     {"kind": "end", "exitstatus": n, "incomplete": reason or null}   the process's session ended
 
@@ -25,7 +26,9 @@ deletes them. A partial file that no process holds is an orphan (SIGKILL, a cras
 A results file's ``run`` gains: ``exitstatus`` (the session's exit status, None when it never
 ended), ``incomplete`` (why the run is not whole: "interrupted: KeyboardInterrupt", "interrupted:
 SIGTERM", "killed: no session end", ...; absent for a whole run), ``unfinished_tests`` (tests
-that started and have no outcome) and, for a recovered file, ``recovered_from``.
+that started and have no outcome) and, for a recovered file, ``recovered_from``. A results file
+whose tests used pytest-benchmark also carries ``timings``: {test id: {rounds, min, q1, median,
+q3, max, stddev}} in seconds per round (the spread the regression rules use as noise).
 
 Pure standard library: imported by the pytest plugin and by the readers.
 """
@@ -318,6 +321,7 @@ class Part:
     header: dict
     records: list = field(default_factory=list)
     tests: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)  # run facts added while it ran
     begun: list = field(default_factory=list)
     end: dict | None = None
@@ -343,6 +347,8 @@ def parse(path: pathlib.Path, raw: bytes) -> Part:
             part.records.append(obj["record"])
         elif kind == "test" and isinstance(obj.get("test"), str):
             part.tests[obj["test"]] = str(obj.get("outcome"))
+        elif kind == "timing" and isinstance(obj.get("test"), str) and isinstance(obj.get("timing"), dict):
+            part.timings[obj["test"]] = obj["timing"]
         elif kind == "begin" and isinstance(obj.get("test"), str):
             part.begun.append(obj["test"])
         elif kind == "run" and isinstance(obj.get("run"), dict):
@@ -367,11 +373,15 @@ def assemble(parts: list[Part], run: dict | None = None) -> dict:
     parts = sorted(parts, key=_who_key)
     main = parts[0]
     out = dict(run) if run is not None else dict(main.header.get("run") or {})
-    records, tests, reasons, unfinished = [], {}, [], []
+    records, tests, timings, reasons, unfinished = [], {}, {}, [], []
     for p in parts:
+        # facts a worker knew from its start that the run's own provenance lacks (e.g. what it selected:
+        # an xdist controller collects nothing itself)
+        out.update({k: v for k, v in (p.header.get("run") or {}).items() if k not in out})
         out.update(p.run)
         records += p.records
         tests.update(p.tests)
+        timings.update(p.timings)
         unfinished += [t for t in dict.fromkeys(p.begun) if t not in p.tests]
         who = "" if p.who == "main" else f" (worker {p.who})"
         if p.end is None:
@@ -385,7 +395,10 @@ def assemble(parts: list[Part], run: dict | None = None) -> dict:
         out["incomplete"] = "; ".join(dict.fromkeys(reasons))
     if unfinished:
         out["unfinished_tests"] = unfinished
-    return {"schema": SCHEMA, "run": out, "records": records, "tests": tests}
+    data = {"schema": SCHEMA, "run": out, "records": records, "tests": tests}
+    if timings:
+        data["timings"] = timings
+    return data
 
 
 # ---- orphans -----------------------------------------------------------------------------------

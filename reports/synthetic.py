@@ -28,9 +28,12 @@ BACKEND = "torch-cpu"
 
 def results(*, commit: str = "a" * 40, started: str = "2026-11-01T02:00:00+00:00", commit_time: str | None = None,
             target: str = "cpu", corpus_sha: str = "c" * 64, model: str = "smollm2-135m", kld_scale: float = 1.0,
-            speed_scale: float = 1.0, seed: int = 0, fail: bool = False, note: str | None = None) -> dict:
+            speed_scale: float = 1.0, seed: int = 0, fail: bool = False, note: str | None = None,
+            speed_spread: float = 0.01, tier: str = "default") -> dict:
     """One run's results file content. ``kld_scale``/``speed_scale`` plant regressions or improvements;
-    ``note`` is added as a label to every perplexity record (and as the compressed generation text)."""
+    ``note`` is added as a label to every perplexity record (and as the compressed generation text);
+    ``speed_spread``: half the range of the timed rounds over their median, written as each speed test's
+    ``timings``."""
     rnd = random.Random(seed)
     recs: list[dict] = []
     tests: dict[str, str] = {}
@@ -170,11 +173,18 @@ def results(*, commit: str = "a" * 40, started: str = "2026-11-01T02:00:00+00:00
     for phase in ("prefill", "decode"):
         rec("speed", t, "speed_ratio", 0.8, "x", phase=phase, config="K4V2+s4w128", **lab)
 
+    timings = {}
+    for node in tests:
+        if node.startswith("suites/test_speed.py"):
+            med = 0.01 / speed_scale  # seconds per round: the rates above scale with 1 / time
+            half = speed_spread * med  # half the range of the rounds
+            timings[node] = {"rounds": 9, "min": med - half, "q1": med - half / 3, "median": med, "q3": med + half / 3,
+                             "max": med + half, "stddev": half / 2}
     if fail:
         tests[f"suites/test_perplexity.py::test_perplexity[backend={BACKEND}-config=K2V2+s4w128]"] = "failed"
     tests["suites/test_memory.py::test_bytes_held[context=1024-model=smollm2-135m-backend=torch-cuda-variant=default]"] = \
         "skipped"
-    run = {"target": target, "tier": "default", "started": started, "commit": commit,
+    run = {"target": target, "tier": tier, "started": started, "commit": commit,
            "commit_time": commit_time or started, "dirty": False, "model": model, "seed": 0,
            "weights_sha256": "f" * 64, "backends": [BACKEND],
            "skipped_backends": {"torch-cuda": "torch-cuda: no CUDA device"},
@@ -182,7 +192,7 @@ def results(*, commit: str = "a" * 40, started: str = "2026-11-01T02:00:00+00:00
            "versions": {"tq-core": "0.1.0", "numpy": "2.4.6", "torch": "2.13.0+cpu"},
            "machine": {"cpu": "synthetic CPU", "cpu_count": 2, "os": "Linux", "python": "3.11.7"},
            "exitstatus": 1 if fail else 0}
-    return {"schema": 1, "run": run, "records": recs, "tests": tests}
+    return {"schema": 1, "run": run, "records": recs, "tests": tests, "timings": timings}
 
 
 def write(folder: str | pathlib.Path, **kw) -> pathlib.Path:

@@ -9,6 +9,7 @@ Skipped when no Chromium is installed (Debian/Ubuntu: ``apt-get install -y chrom
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,20 @@ def pages(tmp_path_factory):
     synthetic.write(res, commit="a" * 40, started="2026-11-01T02:00:00+00:00", target="mlx")
     report = render.write(tmp / "report" / "index.html", render.page(runs.newest(res, "cpu")))
     built = {str(p.relative_to(tmp / "site")): p for p in site.build(res, tmp / "site")}
-    return {"real": real_report, "report": report, **built}
+    # the committed H200 results (a speed-only run, a recovered nightly run) beside the real CPU sample
+    h200 = tmp / "h200-results"
+    shutil.copytree(ROOT / "reports" / "results" / "cuda", h200 / "cuda")
+    shutil.copytree(real.parent, h200 / "cpu")
+    h = {f"h200:{p.relative_to(tmp / 'h200-site')}": p for p in site.build(h200, tmp / "h200-site")}
+    return {"real": real_report, "report": report, **built, **h}
 
 
 @pytest.mark.parametrize("name, min_svg", [
     ("real", 4), ("report", 10), ("index.html", 0), ("cpu/index.html", 5), ("cpu/latest.html", 10),
-    ("mlx/index.html", 5)])
+    ("mlx/index.html", 5), ("h200:index.html", 0), ("h200:cuda/index.html", 5),
+    ("h200:cuda/runs/20261130T210711_abd0d88ea6.html", 4), ("h200:cuda/runs/20261130T210818_abd0d88ea6.html", 10)])
 def test_page_loads_clean_with_its_plots(pages, name, min_svg):
-    shot = ARTIFACTS / f"{name.replace('/', '_').removesuffix('.html')}.png"
+    shot = ARTIFACTS / f"{name.replace('/', '_').replace(':', '_').removesuffix('.html')}.png"
     c = browser.check(pages[name], shot, height=3000)
     assert not c.problems(min_svg), c.problems(min_svg)
     assert c.screenshot is not None and c.screenshot.stat().st_size > 10_000
@@ -72,3 +79,17 @@ def test_latest_real_results_render_clean(tmp_path):
         c = browser.check(page, ARTIFACTS / f"real_{target}.png", height=3000)
         # How many plots a real page has depends on which suites ran; it must load clean.
         assert not c.problems(0), (target, c.problems(0))
+
+
+def test_h200_pages_say_what_each_run_was(pages):
+    """The cuda target has no complete run: no headline; the speed-only run is partial, the recovered
+    nightly run incomplete with its 60 tests; the speed run's page draws the speed section."""
+    dom = browser.check(pages["h200:index.html"]).dom
+    assert "NO COMPLETE RUN" in dom and "INCOMPLETE" in dom and "PARTIAL" in dom
+    assert "incomplete (60 tests: memory, mse, perplexity, generation, needle)" in dom
+    speed = browser.check(pages["h200:cuda/runs/20261130T210711_abd0d88ea6.html"]).dom
+    for text in ("Decode attention latency vs context (device time, CUDA graph)",
+                 "Speed-up of attention over the codes vs context", "1,677,177 tokens"):
+        assert text in speed, text
+    nightly = browser.check(pages["h200:cuda/runs/20261130T210818_abd0d88ea6.html"]).dom
+    assert "Speed was not measured in this run" in nightly and "60 passed" in nightly

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from reports import browser, registry, render, runs, sample, site, stream, summary, synthetic, trends
+from reports import browser, coverage, registry, render, runs, sample, site, stream, summary, synthetic, trends
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = re.compile(r"""(?:src|href|xlink:href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
@@ -58,6 +58,11 @@ def build(tmp_path, **kw) -> Path:
 def flagged_commits(index_html: str) -> str:
     """The index's 'Flagged regressions' section."""
     return index_html.split("<h2>Flagged regressions</h2>", 1)[1]
+
+
+def targets_section(index_html: str) -> str:
+    """The index's two tables: the targets (status, headline run, newer runs) and the headline per target."""
+    return index_html.split("<h2>Targets</h2>", 1)[1].split("<h2>Flagged regressions</h2>", 1)[0]
 
 
 def put(folder: Path, name: str, data) -> Path:
@@ -146,7 +151,8 @@ def test_directions_come_from_the_registry_not_the_name(tmp_path):
     assert "attn_kl_mean [nats] · lower is better: colors inverted" in page
     assert "attn_cos_mean · higher is better" in page
     assert "real_d_mse_unit_vs_reference [x]</text>" in page  # a ratio to a reference: no better end
-    kld, speed = trends.default_rules()
+    rules = trends.default_rules()
+    kld, speed = rules[0], rules[-1]
     assert not speed.applies("mlx_gemm_gflops", "GFLOP/s") and not speed.applies("host_load_1m", "procs")
     assert speed.applies("vectors_per_s", "vec/s") and kld.direction == -1 and speed.direction == 1
 
@@ -285,7 +291,8 @@ def test_every_site_page_is_self_contained_with_working_links(tmp_path):
     pages = site.build(tmp_path / "results", tmp_path / "site")
     names = sorted(str(p.relative_to(tmp_path / "site")) for p in pages)
     assert names == ["cpu/index.html", "cpu/latest.html", f"cpu/runs/20261101T020000_{A[:10]}.html",
-                     f"cpu/runs/20261102T020000_{B[:10]}.html", "index.html", "mlx/index.html", "mlx/latest.html"]
+                     f"cpu/runs/20261102T020000_{B[:10]}.html", "index.html", "mlx/index.html", "mlx/latest.html",
+                     f"mlx/runs/20261101T020000_{A[:10]}.html"]
     for p in pages:
         html = p.read_text()
         external, broken, _ = browser.links(p, html)
@@ -326,7 +333,8 @@ def test_tq_report_command(tmp_path, capsys):
 
 
 def test_regression_rules():
-    kld, speed = trends.default_rules(0.10, 0.05)
+    kld, dppl, speed = trends.default_rules(0.10, 0.05, 0.5)
+    assert dppl.absolute and dppl.regressed(1.0, 1.6) and not dppl.regressed(1.0, 1.4) and not dppl.regressed(0, 0.4)
     assert kld.applies("kld_mean", "nats") and not kld.applies("kld_max", "nats")
     assert speed.applies("decode_tokens_per_s", "tok/s") and speed.applies("gb_per_s", "GB/s")
     assert not speed.applies("not_registered_per_s", "x/s")  # unknown: no direction, never flagged
@@ -456,6 +464,8 @@ def test_render_never_writes_outside_reports(tmp_path, capsys):
 
 # ---- incomplete runs ---------------------------------------------------------------------------
 def test_an_incomplete_run_is_shown_incomplete_never_pass(tmp_path):
+    """The newest run was interrupted: it is INCOMPLETE on its own page and in the run history, never
+    PASS, and the target's headline stays on the complete run before it."""
     res = tmp_path / "results"
     write(res, 1, A)
     data = synthetic.results(commit=B, started=day(2), seed=2)
@@ -465,14 +475,18 @@ def test_an_incomplete_run_is_shown_incomplete_never_pass(tmp_path):
     run = runs.newest(res, "cpu")
     assert summary.status(run) == "INCOMPLETE" and summary.gates(run)["status"] == "INCOMPLETE"
     out = build(tmp_path)
-    index, target, latest = ((out / p).read_text() for p in ("index.html", "cpu/index.html", "cpu/latest.html"))
-    for html in (index, latest):
-        assert '<span class="badge incomplete">INCOMPLETE</span>' in html and "badge pass" not in html.split(
-            "Latest run per target")[-1].split("</table>")[0]
-        assert "interrupted: KeyboardInterrupt" in html
-    assert "test_model_tokens_per_s" in latest and "exit status 2" in latest
-    # the runs table: the first run passed, the second is incomplete with exit status 2
-    assert target.count("badge pass") == 1 and target.count("badge incomplete") >= 2
+    index, target, latest, own = ((out / p).read_text() for p in (
+        "index.html", "cpu/index.html", "cpu/latest.html", "cpu/runs/20261102T020000_bbbbbbbbbb.html"))
+    headline = targets_section(index)
+    assert '<span class="badge pass">PASS</span>' in headline and A[:10] in headline  # the complete run
+    assert '<span class="badge incomplete">INCOMPLETE</span>' in headline
+    assert "interrupted: KeyboardInterrupt" in headline
+    assert A[:10] in latest and "badge incomplete" not in latest  # latest.html: the latest complete run
+    assert '<span class="badge incomplete">INCOMPLETE</span>' in own and "badge pass" not in own
+    assert "test_model_tokens_per_s" in own and "exit status 2" in own and "interrupted: KeyboardInterrupt" in own
+    # the runs table: the first run complete and passed, the second incomplete
+    runs_table = target.split("<h2>Runs</h2>")[1]
+    assert runs_table.count("badge pass") == 2 and runs_table.count("badge incomplete") == 2
 
 
 def test_a_failing_exit_status_is_never_pass(tmp_path):
@@ -493,19 +507,28 @@ def test_synthetic_results_use_registered_names_and_units():
 
 
 def test_site_from_real_records(real, tmp_path):
-    """Two runs of real records (the second a copy under a later commit, 10 % slower): trends of the
-    throughputs the suites record, a flagged regression, meanings under every trend."""
+    """Two runs of real records (the second a copy under a later commit, every rate halved): trends of
+    the throughputs the suites record, meanings under every trend, and regressions judged against the
+    spread of the rounds each test timed: flagged where the drop is beyond it, not where it is not."""
     res = copy_real(real, tmp_path / "results")
     first = runs.newest(res, "cpu")
+    assert first.timings, "the results plugin keeps the spread of the timed rounds"
     data = json.loads(first.path.read_text())
     data["run"].update(commit=B, commit_time="2099-01-01T00:00:00+00:00", started="2099-01-01T00:00:00+00:00")
     for r in data["records"]:
         if registry.lookup(r["metric"]).is_rate:
-            r["value"] *= 0.9
+            r["value"] *= 0.5
     put(res / "cpu", f"20990101T000000_{B[:10]}.json", data)
+    rs = runs.runs_of(res, "cpu")
+    regs = trends.regressions(rs, trends.default_rules())
+    flags = trends.flagged(regs)
+    assert regs and all(r.confirmed and "spread of the timed rounds" in r.noise_from for r in regs)
+    assert flags and all(f.rule.bad(f.reference, f.value) > f.margin for f in flags)
     out = build(tmp_path)
     index, page = (out / "index.html").read_text(), (out / "cpu" / "index.html").read_text()
-    assert "vectors_per_s" in flagged_commits(index) and B[:10] in flagged_commits(index)
+    for f in flags:
+        assert f.key.metric in flagged_commits(index)
+    assert B[:10] in flagged_commits(index)
     assert "speed: vectors_per_s" in page and "speed: decode_tokens_per_s" in page
     assert page.count('<span class="meaning"') >= 3 and "codec alone encodes or decodes" in page
     for p in out.rglob("*.html"):
@@ -540,3 +563,339 @@ def test_headline_prefers_the_suites_own_protocol_over_extras():
     assert summary.pick([simulated, chunked], "m") is chunked  # only extras: still the cache over simulated
     longer = rec(0.008, mode="cache", chunk=1, tokens=1024)
     assert summary.pick([decode, longer, chunked], "m") is longer
+
+
+# ---- issue I: series keys, noise-aware regressions, complete runs in the headline ---------------
+CUDA = ROOT / "reports" / "results" / "cuda"
+CUDA_SPEED = CUDA / "20261130T210711_abd0d88ea6.json"  # H200, decode attention speed only (complete run, partial)
+CUDA_NIGHTLY = CUDA / "20261130T210818_abd0d88ea6.json"  # H200, nightly tier, recovered worker streams (incomplete)
+
+
+def in_memory(data: dict, name: str) -> runs.Run:
+    """A results file's content as a ``Run`` (validated as ``runs.load`` does), without writing it."""
+    run, recs, tests = runs.validate(data)
+    return runs.Run(Path(f"/results/{data['run'].get('target', 'cpu')}/{name}.json"), run, recs, tests,
+                    timings=runs.timings_of(data))
+
+
+def noisy_history(seed: int, step_at: int | None = None, commits: int = 9, step: float = 1.2) -> list[runs.Run]:
+    """Synthetic runs over ``commits`` commits, 1-3 runs each: mean KLD jitters by 2 % from run to run,
+    throughput by 15 % (timed rounds spread by 15 %, as on a shared 2-core machine). From commit
+    ``step_at`` on, mean KLD is ``step`` times higher."""
+    import random
+
+    rnd = random.Random(seed)
+    out, n = [], 0
+    for c in range(commits):
+        for _ in range(rnd.choice([1, 1, 2, 3])):
+            kld = step if step_at is not None and c >= step_at else 1.0
+            data = synthetic.results(commit=f"{c + 1:x}" * 40, started=f"2026-11-{c + 1:02d}T{n % 24:02d}:00:00+00:00",
+                                     seed=seed * 1000 + n, kld_scale=kld, speed_spread=0.15,
+                                     speed_scale=1 + rnd.gauss(0, 0.1))
+            for r in data["records"]:
+                if r["suite"] == "speed":
+                    r["value"] *= 1 + rnd.gauss(0, 0.1)
+                elif r["metric"] == "kld_mean":
+                    r["value"] *= 1 + rnd.gauss(0, 0.02)
+            out.append(in_memory(data, f"{n:04d}"))
+            n += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_planted_step_amid_noisy_history_is_flagged_at_its_commit(seed):
+    rs = noisy_history(seed, step_at=5)
+    flags = trends.flagged(trends.regressions(rs, trends.default_rules()))
+    step_commit = "6" * 40
+    kld = [f for f in flags if f.key.metric == "kld_mean"]
+    assert sorted(f.key.label("config") for f in kld) == sorted(synthetic.CONFIGS), flags
+    assert all(f.at.run.commit == step_commit and f.before.run.commit == "5" * 40 for f in kld)
+    assert all(0.1 < f.change < 0.3 and f.margin is not None and f.persisted for f in kld)
+    # ΔPPL moves with KLD in these files: where it is flagged, it is at the same commit; throughput never
+    assert all(f.key.metric == "dppl_pct" and f.at.run.commit == step_commit for f in flags if f not in kld), \
+        [(f.key.metric, f.change_text) for f in flags if f not in kld]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pure_noise_across_commits_is_not_flagged(seed):
+    rs = noisy_history(seed)
+    regs = trends.regressions(rs, trends.default_rules())
+    assert not trends.flagged(regs), [(r.key.text, r.change_text, r.noise_from) for r in trends.flagged(regs)]
+
+
+def test_runs_of_one_commit_are_never_compared_they_estimate_the_noise(tmp_path):
+    """The issue's first finding: three runs of one commit on a loaded 2-core machine, throughput down
+    18 % to 73 % from neighbours' load: no regression, not even an unconfirmed one."""
+    res = tmp_path / "results"
+    for n, scale in enumerate((1.0, 0.82, 0.27), start=1):
+        write(res, n, A, speed_scale=scale, kld_scale=1 + 0.3 * (n - 1))
+    rs = runs.runs_of(res, "cpu")
+    assert trends.regressions(rs, trends.default_rules()) == []
+    # ... and they are the noise a later commit is judged against: a fourth run as slow as the slowest is not flagged
+    write(res, 4, B, speed_scale=0.27)
+    assert not trends.flagged(trends.regressions(runs.runs_of(res, "cpu"), trends.default_rules()))
+    assert "No regression flagged" in (build(tmp_path) / "index.html").read_text()
+
+
+def test_noise_estimates_and_margins():
+    noise = trends.Noise()
+    assert trends.t_quantile(3, 9) == pytest.approx(4.05, abs=0.02)
+    assert trends.t_quantile(3, 1000) == pytest.approx(3, abs=0.01)
+    rule = trends.default_rules()[0]
+    pt = lambda v, e=None, s=None: trends.Point(None, v, e, "nats", s)  # noqa: E731
+    # one earlier run, a recorded SE: 2 SE of the new value
+    m, why = trends.margin([[pt(1.0, 0.1)]], [pt(1.3, 0.1)], rule, noise)
+    assert m == pytest.approx(0.2) and "standard error" in why
+    # nothing known: no margin, never flagged
+    assert trends.margin([[pt(1.0)]], [pt(2.0)], rule, noise)[0] is None
+    # repeated runs of one commit give the scatter (identical: zero noise, the minimum effect decides)
+    m, why = trends.margin([[pt(1.0), pt(1.0)]], [pt(1.2)], rule, noise)
+    assert m == 0 and "scatter" in why
+    # the spread of the timed rounds: half their range over the median
+    run = in_memory(synthetic.results(speed_spread=0.2), "x")
+    test = next(iter(run.timings))
+    assert trends._spread(run, test) == pytest.approx(0.2)
+
+
+def test_differently_keyed_points_never_join(tmp_path):
+    """The issue's second finding: a nightly run (1 024 tokens) after a default one (384 tokens) on the
+    same GPU. KLD and bits differ by protocol, not by code: separate series, separate lines, no flag."""
+    res = tmp_path / "results"
+    for n, (commit, tier, tokens, scale) in enumerate([(A, "default", 384, 1.0), (B, "nightly", 1024, 2.0)], start=1):
+        data = synthetic.results(commit=commit, started=day(n), seed=n, kld_scale=scale, tier=tier)
+        data["run"]["machine"]["gpu"] = "NVIDIA H200"
+        for r in data["records"]:
+            if r["suite"] == "perplexity":
+                r["labels"]["tokens"] = tokens
+        put(res / "cpu", f"{n}.json", data)
+    rs = runs.runs_of(res, "cpu")
+    kld = {k: pts for k, pts in trends.series(rs).items() if k.metric == "kld_mean"}
+    assert len(kld) == 8 and all(len(p) == 1 for p in kld.values())  # 4 configs x 2 protocols, never joined
+    assert {k.tier for k in kld} == {"default", "nightly"} and {k.label("tokens") for k in kld} == {"384", "1024"}
+    assert not trends.regressions(rs, trends.default_rules()) or not [
+        r for r in trends.regressions(rs, trends.default_rules()) if r.key.metric == "kld_mean"]
+    # another device is another series too
+    other = synthetic.results(commit=C, started=day(3), seed=3)
+    other["run"]["machine"]["cpu"] = "another CPU"
+    keys = {trends.key_of(r, rec) for r in (in_memory(other, "o"), rs[0]) for rec in r.records[:1]}
+    assert len(keys) == 2
+    page = (build(tmp_path) / "cpu" / "index.html").read_text()
+    assert "No regression" in page
+    # the legend says what differs: the tier and the token count, beside the config
+    assert "K4V2+s4w128 · torch-cpu · tier=default · tokens=384" in html_lib.unescape(page)
+    assert "K4V2+s4w128 · torch-cpu · tier=nightly · tokens=1024" in html_lib.unescape(page)
+
+
+def test_a_partial_run_does_not_replace_the_headline(tmp_path):
+    """The issue's third finding: the newest run was three suites on another model (a partial run):
+    the headline stays on the latest complete run; the partial run is listed as such."""
+    res = tmp_path / "results"
+    write(res, 1, A)
+    write(res, 2, B, kld_scale=1.3)
+    part = synthetic.results(commit=C, started=day(3), seed=3, model="other-model")
+    part["records"] = [r for r in part["records"] if r["suite"] in ("memory", "mse", "speed")]
+    part["tests"] = {t: o for t, o in part["tests"].items() if runs.suite_of(t) in ("memory", "mse", "speed")}
+    part["run"]["selection"] = {"args": ["suites/test_memory.py", "suites/test_mse.py", "suites/test_speed.py"],
+                                "options": {"--tq-model": "other-model"}, "deselected": 0,
+                                "available_suites": ["attention", "generation", "memory", "mse", "needle",
+                                                     "perplexity", "speed", "speed_attention"]}
+    put(res / "cpu", f"20261103T020000_{C[:10]}.json", part)
+    rs = runs.runs_of(res, "cpu")
+    cov = coverage.of(rs[-1])
+    assert cov.kind == "partial" and cov.missing == ["attention", "perplexity", "generation", "needle"]
+    assert "--tq-model other-model" in cov.text and coverage.headline_run(rs).commit == B
+    out = build(tmp_path)
+    index, latest = (out / "index.html").read_text(), (out / "cpu" / "latest.html").read_text()
+    headline = targets_section(index)
+    assert B[:10] in headline and '<span class="badge partial">PARTIAL</span>' in headline
+    assert "partial: memory, mse, speed (without attention, perplexity, generation, needle; --tq-model other-model)" \
+        in html_lib.unescape(headline)
+    assert B[:10] in latest and "other-model" not in latest
+    kld_b = [r for r in synthetic.results(commit=B, kld_scale=1.3)["records"]
+             if r["metric"] == "kld_mean" and r["labels"]["config"] == "K4V2+s4w128"][0]
+    assert f"{kld_b['value']:.4f}" in headline  # the K4V2 headline KLD is the complete run's
+
+
+def test_an_incomplete_run_is_never_the_headline_even_when_newest_and_complete_in_suites(tmp_path):
+    res = tmp_path / "results"
+    write(res, 1, A)
+    data = synthetic.results(commit=B, started=day(2), seed=2, kld_scale=1.5)
+    data["run"]["incomplete"] = "killed: no session end"
+    put(res / "cpu", f"20261102T020000_{B[:10]}.json", data)
+    rs = runs.runs_of(res, "cpu")
+    assert coverage.of(rs[-1]).kind == "incomplete" and coverage.headline_run(rs).commit == A
+    out = tmp_path / "r.html"
+    assert render.main(["--target", "cpu", "--results", str(res), "--out", str(out)]) == 0
+    assert A[:10] in out.read_text()
+
+
+def test_uncalibrated_gates_are_neither_pass_nor_fail(tmp_path):
+    data = synthetic.results(commit=A, started=day(1))
+    node = "suites/test_perplexity.py::test_perplexity[backend=torch-cpu-config=K3V2+s4w128]"
+    data["records"].append({"suite": "perplexity", "test": node, "metric": "gate_calibrated", "value": 0.0,
+                            "unit": "bool", "error": None, "labels": {"backend": "torch-cpu", "config": "K3V2+s4w128",
+                                                                      "gate": "perplexity", "model": "smollm2-135m"}})
+    data["records"].append({**data["records"][-1], "labels": {**data["records"][-1]["labels"],
+                                                               "config": "K4V2+s4w128"}, "value": 1.0,
+                            "test": node.replace("K3V2", "K4V2")})
+    run = in_memory(data, "u")
+    g = summary.gates(run)
+    assert g["status"] == "PASS" and g["suite_status"]["perplexity"] == "UNCALIBRATED"
+    assert g["uncalibrated"]["perplexity"] == [{"config": "K3V2+s4w128", "backend": "torch-cpu",
+                                                "model": "smollm2-135m"}]
+    rows = {r["config"]: r["gates"] for r in summary.headlines(run)}
+    assert rows["K3V2+s4w128"]["perplexity"] == "UNCALIBRATED" and rows["K4V2+s4w128"]["perplexity"] == "PASS"
+    html = render.page(run)
+    assert html.count('<span class="badge uncalibrated">UNCALIBRATED</span>') >= 3  # summary, suite row, config row
+    res = tmp_path / "results"
+    put(res / "cpu", f"20261101T020000_{A[:10]}.json", data)
+    index = (build(tmp_path) / "index.html").read_text()
+    assert '<span class="badge uncalibrated">UNCALIBRATED</span>' in index and "perplexity (K3V2+s4w128)" in index
+    # a failed test of the config wins over its missing band
+    data["tests"][node] = "failed"
+    assert summary.gate_status(in_memory(data, "f"))[("perplexity", "K3V2+s4w128", "torch-cpu")] == "FAIL"
+
+
+def test_speed_not_measured_is_said(tmp_path):
+    data = synthetic.results(commit=A, started=day(1))
+    data["records"] = [r for r in data["records"] if r["suite"] != "speed"]
+    data["tests"] = {t: o for t, o in data["tests"].items() if "test_speed" not in t}
+    data["run"]["speed"] = "not measured: pytest-benchmark is off under pytest-xdist (time the speed suites serially)"
+    html = html_lib.unescape(render.page(in_memory(data, "s")))
+    assert "Speed was not measured in this run: pytest-benchmark is off under pytest-xdist" in html
+    assert 'id="speed"' in html and "Decode speed: not measured: pytest-benchmark is off" in html
+
+
+def test_the_h200_speed_file_draws_the_speed_section(tmp_path, capsys):
+    run = runs.load(CUDA_SPEED)
+    html = render.page(run)
+    assert "plot failed" not in html and "Traceback" not in capsys.readouterr().err
+    sec = html.split('<section id="speed_attention">')[1].split("</section>")[0]
+    assert sec.count("<svg") == 4
+    for title in ("Decode attention latency vs context (device time, CUDA graph)",
+                  "Decode attention latency vs context (wall clock per call)",
+                  "Speed-up of attention over the codes vs context", "Longest context in 40 GiB KV budget"):
+        assert title in sec, title
+    for legend in ("K4V2+s4w128 · batch 1", "baseline · batch 16", "batch 8",
+                   "memory-bound limit: baseline bytes / compressed bytes held"):
+        assert legend in sec, legend
+    text = html_lib.unescape(sec)
+    assert "baseline: 327,680 tokens, K4V2+s4w128: 1,677,177 tokens — 5.12× as many compressed" in text
+    # log-log latency: decades on both axes
+    assert ">10k<" in sec and ">128k<" in sec
+    # the headline's decode speed: one sequence at the longest context, device clock
+    head = summary.table(run)
+    cell = head.rows[0]["cells"]["speed"]
+    assert cell.metric == "attention_speedup" and cell.rec["batch"] == 1 and cell.rec["context"] == 131072
+    assert coverage.of(run).kind == "partial" and coverage.of(run).missing
+
+
+def test_the_recovered_h200_nightly_run_renders_as_incomplete():
+    run = runs.load(CUDA_NIGHTLY)
+    cov = coverage.of(run)
+    assert cov.kind == "incomplete" and cov.tests == 60 and "60 tests" in cov.text
+    html = html_lib.unescape(render.page(run))
+    assert '<span class="badge incomplete">INCOMPLETE</span>' in html and '"badge pass"' not in html
+    assert "incomplete (60 tests: memory, mse, perplexity, generation, needle): the run's own stream is missing" in html
+    assert "60 of about 200 tests are here" in html  # run.note, shown in the summary
+    assert "Speed was not measured in this run: pytest-benchmark is off under pytest-xdist" in html
+    assert "60 passed" in html
+
+
+def test_bits_projected_to_long_contexts_match_the_memory_suite():
+    """Real H200 records: the 512-token headline's bytes per part, projected to 32k tokens, give the bits
+    the memory suite measured by filling a 32k cache of the same model and config."""
+    run = runs.load(CUDA_NIGHTLY)
+    recs = summary.flat(run)
+    bits = next(r for r in recs if r["metric"] == "bits_per_channel" and r.get("extra") == "headline")
+    measured = next(r for r in recs if r["suite"] == "memory" and r["metric"] == "bits_per_channel"
+                    and r["model"] == "smollm2-135m" and r["variant"] == "default")
+    assert measured["context"] == 32768
+    assert summary.projected_bits(recs, bits, 32768) == pytest.approx(measured["value"], rel=1e-9)
+    assert summary.projected_bits(recs, bits, bits["tokens"] - 1) == pytest.approx(bits["value"], rel=1e-9)
+
+
+def test_one_protocol_per_headline_table():
+    """Backends scored with different chunks are not side by side: a row scored only otherwise says so."""
+    data = synthetic.results(commit=A, started=day(1))
+    mlx = [{**r, "labels": {**r["labels"], "backend": "mlx", "chunk": 64}} for r in data["records"]
+           if r["suite"] == "perplexity"]
+    data["records"] += mlx
+    head = summary.table(in_memory(data, "p"))
+    assert head.protocol == "tokens=512 · chunk=1 · mode=cache"
+    mlx_rows = [r for r in head.rows if r["backend"] == "mlx"]
+    assert mlx_rows and all(r["cells"]["kld"] is None and "chunk=64" in r["note"] for r in mlx_rows)
+    cpu = [r for r in head.rows if r["backend"] == "torch-cpu" and r["config"] in synthetic.CONFIGS]
+    assert len(cpu) == 4 and all(r["cells"]["kld"].rec["chunk"] == 1 for r in cpu)
+
+
+def test_the_results_plugin_records_what_a_run_selected(real):
+    """The real sample run (``reports.sample`` deselects all but a few cheap tests): its coverage is
+    partial, says why, and the spread of every benchmarked test is kept."""
+    run = runs.newest(real, "cpu")
+    sel = run.run["selection"]
+    assert sel["deselected"] > 0 and set(sel["suites"]) == {"memory", "mse", "speed"}
+    assert "perplexity" in sel["available_suites"]
+    cov = coverage.of(run)
+    assert cov.kind == "partial" and f"{sel['deselected']} items deselected" in cov.text
+    speed_tests = [t for t in run.tests if "test_speed.py" in t]
+    assert speed_tests and set(speed_tests) <= set(run.timings)
+    assert all(t["rounds"] >= 1 and t["min"] <= t["median"] <= t["max"] for t in run.timings.values())
+
+
+def test_six_file_history_from_real_results(tmp_path):
+    """The issue's situation rebuilt from the two committed H200 files: the speed-only run, the recovered
+    nightly run (incomplete) and, derived from it, the same nightly run as it would read complete, and
+    a default-tier run (384 tokens) of an earlier commit. The cuda headline comes from the complete
+    nightly run with its decode speed from the speed-only run of the same commit; the incomplete one is
+    listed, never the headline; the tiers are separate lines; no false regression; a +20 % KLD step
+    planted in a later nightly run is flagged."""
+    res = tmp_path / "results" / "cuda"
+    res.mkdir(parents=True)
+    shutil.copy(CUDA_SPEED, res)
+    shutil.copy(CUDA_NIGHTLY, res)
+    nightly = json.loads(CUDA_NIGHTLY.read_text())
+    whole = json.loads(CUDA_NIGHTLY.read_text())
+    for k in ("incomplete", "recovered_from", "note", "speed"):
+        whole["run"].pop(k, None)
+    whole["run"].update(started="2026-11-30T20:00:00+00:00", exitstatus=0)
+    # as it would read complete: the attention suite (not among the streams that came back) ran too
+    whole["tests"]["suites/test_attention.py::test_attention_per_layer[backend=torch-cuda-config=K4V2+s4w128]"] = \
+        "passed"
+    put(res, "20261130T200000_abd0d88ea6.json", whole)
+    default = json.loads(json.dumps(whole))
+    default["run"].update(tier="default", started="2026-11-29T20:00:00+00:00", commit=A,
+                          commit_time="2026-11-27T00:00:00+00:00")
+    for r in default["records"]:
+        if r["suite"] == "perplexity" and r["labels"].get("tokens") == 1024:
+            r["labels"]["tokens"] = 384
+            if r["metric"] == "kld_mean":
+                r["value"] *= 0.8
+    put(res, f"20261129T200000_{A[:10]}.json", default)
+    rs = runs.runs_of(tmp_path / "results", "cuda")
+    assert [coverage.of(r).kind for r in rs] == ["complete", "complete", "partial", "incomplete"]
+    assert coverage.headline_run(rs).path.name == "20261130T200000_abd0d88ea6.json"
+    assert not trends.flagged(trends.regressions(rs, trends.default_rules()))
+    out = build(tmp_path)
+    index, page = (out / "index.html").read_text(), (out / "cuda" / "index.html").read_text()
+    headline = html_lib.unescape(targets_section(index))
+    assert "abd0d88ea6" in headline and "tier nightly" in headline
+    assert "INCOMPLETE" in headline and "PARTIAL" in headline  # the newer runs, said as such
+    assert "No regression flagged" in index
+    text = html_lib.unescape(page)
+    assert "from 20261130T210711_abd0d88ea6.json (same commit)" in text or "20261130T210711_abd0d88ea6.json" in text
+    assert "tier=default" in text and "tier=nightly" in text  # the legends name the tiers
+    head = summary.table(coverage.headline_run(rs), coverage.speed_runs(rs, rs[1].commit))
+    speed = [r["cells"]["speed"] for r in head.rows if r["config"] == "K4V2+s4w128"][0]
+    assert speed is not None and speed.metric == "attention_speedup" and "same commit" in speed.note
+    # a later nightly run with a +20 % KLD step is flagged at its commit
+    step = json.loads(json.dumps(whole))
+    step["run"].update(commit=D, commit_time="2026-12-01T00:00:00+00:00", started="2026-12-01T00:00:00+00:00")
+    for r in step["records"]:
+        if r["metric"] == "kld_mean":
+            r["value"] *= 1.2
+    put(res, f"20261201T000000_{D[:10]}.json", step)
+    flags = trends.flagged(trends.regressions(runs.runs_of(tmp_path / "results", "cuda"), trends.default_rules()))
+    assert flags and all(f.key.metric == "kld_mean" and f.at.run.commit == D and f.key.tier == "nightly"
+                         for f in flags)
+    assert nightly["run"]["incomplete"]  # the committed file itself is untouched
