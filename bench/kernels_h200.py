@@ -168,34 +168,11 @@ def n_copies(nbytes):
 
 
 def graph_time(fns, reps=20):
-    """GPU time per call: capture one call on each input copy into a CUDA graph, replay, divide.
-    (Removes host launch overhead; rotating copies larger than L2 keeps the data cold.)"""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    del g
-    return float(np.median(times))
+    """GPU time per call in us: the calls (one per input copy larger than L2, so the data stays cold)
+    replayed as a CUDA graph, timed with CUDA events (``harness.hosts``' torch-cuda host)."""
+    from harness import hosts
+
+    return hosts.get("torch-cuda").gpu_time(list(fns), rounds=reps) * 1e6
 
 
 def host_time(fn, n=200):
