@@ -178,6 +178,13 @@ def model_info(request, harness, real_spec) -> dict:
     return harness.memo[key]
 
 
+@pytest.fixture(scope="session")
+def headline(harness):
+    """The run's first config: the default matrix's K4V2+s4w128, or the first --tq-config /
+    --tq-method config; the suites that measure one config (memory, speed) measure this one."""
+    return harness.matrix[0]
+
+
 @pytest.fixture
 def host(backend):
     """The host of the test's backend (``harness.hosts``)."""

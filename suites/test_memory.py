@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures import configs as config_registry
 from fixtures import models as registry
 from harness.identity import FULL_ATTENTION
 from suites import gates
@@ -86,7 +85,7 @@ def fill(host, spec, config, tokens, chunk=1024, m=None):
 
 
 @pytest.mark.parametrize("variant", ["default", "plain"], ids=lambda v: f"variant={v}")
-def test_bytes_held(host, spec, context, variant, record, request):
+def test_bytes_held(host, spec, context, variant, record, request, headline):
     if request.config.getoption("--tq-tier") == "default" and host.slow_cpu_backend and spec.kind == "shape":
         # MLX on CPU encodes ~0.1 M vectors/s: a 32-layer 4k fill alone takes minutes.
         pytest.skip("default tier on MLX/CPU: the real model's geometry only; --tq-tier nightly runs every shape")
@@ -94,7 +93,7 @@ def test_bytes_held(host, spec, context, variant, record, request):
     if m is not None:
         request.getfixturevalue("model_info")  # the run records which model was measured
 
-    config = config_registry.DEFAULT if variant == "default" else config_registry.PLAIN
+    config = headline if variant == "default" else headline.replace(sinks=0, window=0)
     held, peak, cache = fill(host, spec, config, context, m=m)
     base, base_peak, _ = fill(host, spec, None, context, m=m)
     parts = host.held_bytes(cache)["parts"]

@@ -228,7 +228,8 @@ SLOW_GEMM_GFLOPS = 15.0
 
 
 def test_model_tokens_per_s(backend, host, tier, request, corpus, real_spec, load_model, benchmark, record,
-                            conditions):
+                            conditions, headline):
+    CONFIG = headline  # noqa: N806  (the run's first config)
     nightly = request.config.getoption("--tq-tier") == "nightly"
     if host.slow_cpu_backend and not nightly:
         # Linux CPU mlx: ~25 s of CPU even with OpenBLAS (minutes with the wheel's reference
@@ -316,12 +317,12 @@ class ShapeCaches:
     """The uncompressed baseline (preallocated, ``timing.StaticKV``) and a compressed cache of
     ``layers`` layers of ``SHAPE``, with one decode step each."""
 
-    def __init__(self, host, layers: int, capacity: int, batch: int = 1):
+    def __init__(self, host, layers: int, capacity: int, batch: int = 1, config=CONFIG):
         self.host, self.layers, self.batch = host, layers, batch
         self.dtype = timing.speed_dtype(host)
         self.scale = SHAPE.head_dim ** -0.5
         self.base = timing.StaticKV(host, layers, batch, SHAPE.kv_heads, SHAPE.head_dim, capacity, self.dtype)
-        self.tq = host.shape_cache(layers, CONFIG, reserve=capacity)
+        self.tq = host.shape_cache(layers, config, reserve=capacity)
 
     def fill(self, context: int) -> None:
         """Write the same ``context`` tokens of random K/V into every layer of both caches."""
@@ -362,8 +363,9 @@ class ShapeCaches:
         return self.base.n[0], self.host.stores(self.tq)[0].length
 
 
-def test_cache_decode_tokens_per_s(backend, host, context, layers, tier, benchmark, record, conditions):
-    caches = ShapeCaches(host, layers, context + tier["shape_rounds"] + tier["shape_warmup"] + 1)
+def test_cache_decode_tokens_per_s(backend, host, context, layers, tier, benchmark, record, conditions, headline):
+    CONFIG = headline  # noqa: N806  (the run's first config)
+    caches = ShapeCaches(host, layers, context + tier["shape_rounds"] + tier["shape_warmup"] + 1, config=CONFIG)
     caches.fill(context)
     warm = tier["shape_warmup"]
     base = timing.HandTimer(warm)

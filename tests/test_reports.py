@@ -513,7 +513,14 @@ def test_site_from_real_records(real, tmp_path):
     res = copy_real(real, tmp_path / "results")
     first = runs.newest(res, "cpu")
     assert first.timings, "the results plugin keeps the spread of the timed rounds"
+    # The real rounds' spread depends on the machine's load (on a busy 2-core box it can exceed 50 %,
+    # more than the planted drop): pin it to +-2 % around each real median, so the verdict below
+    # tests the rule, not the neighbours.
     data = json.loads(first.path.read_text())
+    for t in data["timings"].values():
+        m = t["median"]
+        t.update(min=0.98 * m, q1=0.99 * m, q3=1.01 * m, max=1.02 * m)
+    first.path.write_text(json.dumps(data))
     data["run"].update(commit=B, commit_time="2099-01-01T00:00:00+00:00", started="2099-01-01T00:00:00+00:00")
     for r in data["records"]:
         if registry.lookup(r["metric"]).is_rate:
