@@ -43,7 +43,8 @@ if not CUDA:
     if not isinstance(tl.zeros, InterpretedFunction):
         pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 could be set: "
                     "run this file on its own or export TRITON_INTERPRET=1", allow_module_level=True)
-    for _name in ("tq_core.kernels.triton.decode_attention", "tq_core.kernels.triton.encode"):
+    for _name in ("tq_core.kernels.triton.decode_attention", "tq_core.kernels.triton.decode_step",
+                  "tq_core.kernels.triton.encode"):
         if _name in sys.modules:  # decorated before the interpreter was on
             importlib.reload(sys.modules[_name])
 
@@ -379,3 +380,86 @@ def test_nibble_spread_helpers():
     want1 = sum(((w1 >> j) & 1) << (4 * j) for j in range(8))
     np.testing.assert_array_equal(o2.cpu().numpy().astype(np.int64) & 0xFFFFFFFF, want2)
     np.testing.assert_array_equal(o1.cpu().numpy().astype(np.int64) & 0xFFFFFFFF, want1)
+
+
+# ----------------------------------------------------------------------------- the whole call
+
+STEP_CASES = [
+    # (config, dtype, B, Hkv, G, held, Tq, D): held tokens before the call, Tq new tokens (the queries)
+    ("K4V2+s4w8", "fp32", 1, 2, 4, 40, 1, 64),
+    ("K4V2+s4w8", "bf16", 2, 1, 3, 70, 1, 128),
+    ("K3V4+s0w0", "fp32", 1, 2, 2, 33, 3, 64),     # no sinks, no window: history + own tokens
+    ("K2V3+s2w16", "fp16", 1, 1, 4, 12, 2, 32),    # no history yet: full-precision tokens only
+    ("K4V4+s4w4", "bf16", 1, 2, 8, 50, 2, 64),     # G * Tq = 16 rows
+    ("K4V2+s4w8", "fp32", 1, 1, 2, 40, 1, 256),    # head_dim 256 (Gemma-3)
+    ("K4V2+s4w8", "fp32", 1, 1, 4, 2200, 1, 64),   # > 16 history splits: the merge takes them in chunks
+]
+
+
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    """The Triton kernels for every torch tensor (CPU ones run under the interpreter)."""
+    if CUDA:
+        return
+    from tq_core.kernels import triton as triton_pkg
+    from tq_core.ops import torch_ops
+
+    monkeypatch.setattr(torch_ops, "attention_kernel", lambda like: triton_pkg)
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[0]}-{c[1]}-B{c[2]}H{c[3]}G{c[4]}n{c[5]}t{c[6]}d{c[7]}")
+def test_attention_step_matches_array_ops(case, triton_everywhere):
+    """View.attend through the whole-call kernels equals the array-ops path over the same stored
+    codes (and the decoded reference within the codes' own error), causal among the own tokens."""
+    from tq_core.config import CacheConfig
+    from tq_core.kvstore import LayerStore
+
+    label, dt, B, Hkv, G, held, Tq, D = case
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    store = LayerStore(CacheConfig.parse(label), layer=3, head_dim=D)
+    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2).to(dtype).to(DEV)  # noqa: E731
+    if held:
+        store.update(kv(held), kv(held))
+    k_new, v_new = kv(Tq), kv(Tq)
+    # A non-contiguous query, as a host library hands it: (B, Tq, Hq, D) transposed.
+    q = (torch.randn(B, Tq, Hkv * G, D, generator=gen)).to(dtype).to(DEV).transpose(1, 2)
+    view = store.update(k_new, v_new)
+    scale = 1.0 / math.sqrt(D)
+    from tq_core import kernels
+
+    whole_call = kernels.attention_step(store.codec_k, store.codec_v, q, Hkv) is not None
+    assert whole_call == (D <= kernels.MAX_DIM)
+    fast = view.attend(q, scale, kernel=True)
+    ops_path = view.attend(q, scale, kernel=False)
+    assert fast.dtype == dtype and fast.shape == (B, Hkv * G, Tq, D)
+    assert torch.isfinite(fast.float()).all()
+    err = ((fast.double() - ops_path.double()).norm() / ops_path.double().norm()).item()
+    # fp32: fp32 products both ways; 16-bit: queries rotated to 16 bits and fp16 tensor-core operands
+    # for the history, then one rounding of the output to the model's dtype.
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert err < tol, f"relative error vs array ops {err:.3g} >= {tol}"
+    # The decoded reference: softmax over sinks | history decoded | window | own tokens (causal).
+    k_all, v_all = view.dense(torch.float64, torch.float64)
+    n_all = k_all.shape[2]
+    kr, vr = k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1)
+    s = scale * q.double() @ kr.transpose(-1, -2)
+    own = torch.arange(n_all) >= n_all - Tq
+    t = torch.arange(Tq)[:, None]
+    causal = ~own[None, :] | (torch.arange(n_all)[None, :] - (n_all - Tq) <= t)
+    ref = torch.softmax(s.masked_fill(~causal.to(DEV), -math.inf), -1) @ vr
+    err_ref = ((fast.double() - ref).norm() / ref.norm()).item()
+    assert err_ref < tol + 1e-3 * (dtype != torch.float32) + 1e-6, f"relative error vs decoded reference {err_ref:.3g}"
+
+
+def test_attention_step_refuses_what_it_cannot_take():
+    from tq_core.kernels.triton import decode_step as ds
+
+    q = torch.zeros(1, 32, 1, 64, device=DEV)
+    kv = torch.zeros(1, 1, 4, 64, device=DEV)
+    with pytest.raises(ValueError, match="G \\* Tq <= 16"):
+        ds.attend_step(q, 0.1, ((kv, kv), None, None))
+    with pytest.raises(ValueError, match="nothing to attend"):
+        ds.attend_step(q[:, :4], 0.1, (None, None, None))
+    with pytest.raises(ValueError, match="dense tokens must be"):
+        ds.attend_step(q[:, :4], 0.1, ((kv[..., :32], kv[..., :32]), None, None))

@@ -283,7 +283,9 @@ class View:
         One softmax over sinks, history, window and the call's own tokens, computed in two parts
         merged by their log-sum-exp: the history (through a fused kernel for the codec and device
         when one exists and ``kernel`` is set, else the method's space in array ops) and the
-        full-precision tokens (``kernel=None``: as the store's ``attention`` mode says). ``mask`` (B or 1, 1 or Hq, Tq, tokens) over the key positions in order
+        full-precision tokens (``kernel=None``: as the store's ``attention`` mode says). Where the
+        device has a kernel for the whole call (``kernels.attention_step``) and no ``mask`` is given,
+        that runs instead: the same softmax in two launches. ``mask`` (B or 1, 1 or Hq, Tq, tokens) over the key positions in order
         (True / 0.0 = attend), as a host library builds it; without one, query row ``t`` reads new
         token ``i`` only when ``i <= t + (new - Tq)`` (causal, the queries being the last new tokens).
         Query head ``h`` reads KV head ``h // (Hq / H)`` (GQA): each KV head's history is read once for
@@ -295,6 +297,14 @@ class View:
             x for x in (self.sink_k, self.win_k, *self.hist_k.values()) if x is not None)
         h = kv_like.shape[1]
         g = hq // h
+        use_kernel = (self.store.attention == "auto") if kernel is None else kernel
+        if use_kernel and mask is None:
+            # The whole call in the device's fused kernels, where it has them (CUDA).
+            step = kernels.attention_step(self.store.codec_k, self.store.codec_v, q, h)
+            if step is not None:
+                dense = tuple(None if kv[0] is None else kv for kv in (
+                    (self.sink_k, self.sink_v), (self.win_k, self.win_v), self.new or (None, None)))
+                return step(dense, self.hist_k, self.hist_v, self.history, scale)
         q32 = ops.reshape(ops.astype(q, ops.float32), (b, h, g * tq, d)) * scale
 
         # Key positions: sinks [0, S) | history [S, S + n) | window | this call's own tokens.
@@ -323,7 +333,6 @@ class View:
             scores = [masked(ops.matmul(q32, ops.swap_last2(k)), start) for k, _, start in full]
             parts.append(_softmax_parts(ops, scores, [v for _, v, _ in full]))
         if self.history:
-            use_kernel = (self.store.attention == "auto") if kernel is None else kernel
             parts.append(self._history(ops, q32, use_kernel and mask is None, masked, q.dtype))
         if len(parts) == 1:
             out = parts[0][0]

@@ -1,6 +1,10 @@
 """Fused kernels for TurboQuant caches, chosen per codec and device: attention over a compressed
 history, and encoding (norm, rotation, codes, packing in one pass).
 
+``attention_step(codec_k, codec_v, q, kv_heads)`` returns a function that runs a whole attention
+call (history, sinks, window and the call's own tokens, merged and rotated back) in two launches,
+where the device's kernel module has one (Triton on CUDA); ``View.attend`` prefers it.
+
 ``history_attention(codec_k, codec_v, like)`` returns a function
 ``(q_space, hist_k, hist_v, length) -> (o_space, lse)`` that attends the rotated, scaled queries
 ``q_space`` (B, H, R, D) over the first ``length`` held tokens without decoding them, or ``None``
@@ -15,16 +19,32 @@ from __future__ import annotations
 from ..ops import for_array
 
 MAX_ROWS = 16  # query rows per KV head (GQA group x new tokens) the kernels take; more: array ops
+MAX_DIM = 256  # head dims the whole-call kernel takes (larger ones: the history kernel + array ops)
+
+
+def _half(ops, dtype):
+    """The model's dtype when it is 16-bit (the kernels' fast lookup), else None (their exact one)."""
+    return dtype if dtype is not None and ops.dtype_name(dtype) in ("float16", "bfloat16") else None
+
+
+def _tables(kernel, qk, qv, half) -> dict:
+    """The byte-permute lookup tables of both codebooks, kept by their quantizers."""
+    if half is None or getattr(kernel, "byte_tables", None) is None:
+        return {}
+    return {"k_table": qk.derived("byte_tables", lambda c: kernel.byte_tables(c, qk.bits)),
+            "v_table": qv.derived("byte_tables", lambda c: kernel.byte_tables(c, qv.bits))}
+
+
+def _turboquant(codec_k, codec_v) -> bool:
+    from ..methods.turboquant import TurboQuantCodec
+
+    return isinstance(codec_k, TurboQuantCodec) and isinstance(codec_v, TurboQuantCodec)
 
 
 def history_attention(codec_k, codec_v, like, dtype=None):
     """The fused kernel for this codec pair on ``like``'s device, or None. ``dtype``: the model's
     dtype; 16-bit queries take the kernels' fast lookup, float32 their exact one."""
-    from ..methods.turboquant import TurboQuantCodec
-
-    if not (isinstance(codec_k, TurboQuantCodec) and isinstance(codec_v, TurboQuantCodec)):
-        return None
-    if like.shape[-2] > MAX_ROWS:
+    if not _turboquant(codec_k, codec_v) or like.shape[-2] > MAX_ROWS:
         return None
     ops = for_array(like)
     kernel = ops.attention_kernel(like)
@@ -32,11 +52,8 @@ def history_attention(codec_k, codec_v, like, dtype=None):
         return None
     qk, qv = codec_k.q, codec_v.q
     f32 = ops.float32
-    half = dtype if dtype is not None and ops.dtype_name(dtype) in ("float16", "bfloat16") else None
-    tables = {}
-    if half is not None and getattr(kernel, "byte_tables", None) is not None:
-        tables = {"k_table": qk.derived("byte_tables", lambda c: kernel.byte_tables(c, qk.bits)),
-                  "v_table": qv.derived("byte_tables", lambda c: kernel.byte_tables(c, qv.bits))}
+    half = _half(ops, dtype)
+    tables = _tables(kernel, qk, qv, half)
 
     def run(q_space, hist_k: dict, hist_v: dict, length: int):
         q_in = q_space if half is None else ops.astype(q_space, half)
@@ -44,6 +61,42 @@ def history_attention(codec_k, codec_v, like, dtype=None):
                         qk.const("centroids", like, f32), qv.const("centroids", like, f32),
                         bits_k=qk.bits, bits_v=qv.bits, length=length, scale=1.0, **tables)
         return o, lse[..., None]
+
+    return run
+
+
+def attention_step(codec_k, codec_v, q, kv_heads: int):
+    """The whole attention call in fused kernels for this codec pair and ``q`` (B, Hq, Tq, D), or None.
+
+    Returns ``(dense, hist_k, hist_v, length, scale) -> out`` (B, Hq, Tq, D) in ``q``'s dtype:
+    ``dense`` = (sinks, window, own tokens) as (k, v) pairs or None (see the device kernel's
+    ``attend_step``), the history's fields and held length. Only devices whose kernel module has
+    an ``attend_step`` (Triton on CUDA) get one; elsewhere ``View.attend`` composes the history
+    kernel with array ops.
+    """
+    if not _turboquant(codec_k, codec_v):
+        return None
+    ops = for_array(q)
+    kernel = ops.attention_kernel(q)
+    if kernel is None:
+        return None
+    step = getattr(kernel, "attend_step", None)
+    if step is None or q.shape[1] // kv_heads * q.shape[2] > MAX_ROWS or q.shape[-1] > MAX_DIM:
+        return None
+    qk, qv = codec_k.q, codec_v.q
+    f32 = ops.float32
+    half = _half(ops, q.dtype)
+    tables = _tables(kernel, qk, qv, half)
+
+    def run(dense, hist_k: dict, hist_v: dict, length: int, scale: float):
+        q_rot = None
+        if length:
+            q_rot = codec_k.query(ops.astype(q, f32))
+            q_rot = q_rot if half is None else ops.astype(q_rot, half)
+        return step(q, scale, dense, q_rot=q_rot, length=length,
+                    hist=(hist_k["codes"], hist_k["norms"], hist_v["codes"], hist_v["norms"]) if length else None,
+                    rot_v=qv.const("rot", q, f32) if length else None, bits_k=qk.bits, bits_v=qv.bits,
+                    k_centroids=qk.const("centroids", q, f32), v_centroids=qv.const("centroids", q, f32), **tables)
 
     return run
 

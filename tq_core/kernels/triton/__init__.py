@@ -2,6 +2,7 @@
 
     attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids,
                  *, bits_k, bits_v, length, scale) -> (o_rot, lse)      decode_attention.py
+    attend_step(q, scale, dense, *, q_rot, hist, length, rot_v, ...) -> out      decode_step.py
     encode_into(x, rot_t, boundaries, centroids, *, bits, norm_correction, codes_out, norms_out)
                                                                          encode.py
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-__all__ = ["attend_codes", "encode_into", "available", "INSTALL_HINT"]
+__all__ = ["attend_codes", "attend_step", "encode_into", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = "triton not installed: pip install triton"
 
-_LAZY = {"attend_codes": "decode_attention", "byte_tables": "decode_attention", "encode_into": "encode",
+_LAZY = {"attend_codes": "decode_attention", "byte_tables": "decode_attention", "attend_step": "decode_step",
+         "encode_into": "encode",
          "symmetric": "encode"}
 
 

@@ -604,16 +604,57 @@ def attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centr
         if ten.device != dev:
             raise ValueError(f"{tname} is on {ten.device}, q_rot on {dev}")
     G = Hq // Hkv
-    GT = G * Tq
-    f32 = q_rot.dtype == torch.float32
     interp = _interpreting()
-    asm_ok = (not interp) and (not f32) and dev.type == "cuda"
+    _check_lut(lut, q_rot)
+    if out is None:
+        o = torch.empty((B, Hq, Tq, D), device=dev, dtype=torch.float32)
+        lse = torch.empty((B, Hq, Tq), device=dev, dtype=torch.float32)
+    else:
+        o, lse = out
+        if (tuple(o.shape) != (B, Hq, Tq, D) or tuple(lse.shape) != (B, Hq, Tq) or o.dtype != torch.float32
+                or lse.dtype != torch.float32 or not o.is_contiguous() or not lse.is_contiguous()):
+            raise ValueError("out must be contiguous float32 tensors of shapes (B, Hq, Tq, D) and (B, Hq, Tq)")
+    if length == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    ws_m, ws_l, ws_o, splits = _launch_splits(
+        q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, bits_k=bits_k, bits_v=bits_v,
+        length=length, scale=scale, lut=lut, block_n=block_n, splits=splits, num_warps=num_warps,
+        num_stages=num_stages, maxnreg=maxnreg, k_table=k_table, v_table=v_table)
+    BH, GT = B * Hkv, G * Tq
+    block_s = min(16, _next_pow2(splits))
+    n_chunks = -(-splits // block_s)
+    _merge_kernel[(BH, GT)](
+        ws_m, ws_l, ws_o, o, lse, splits, Hkv, G=G, TQ=Tq, D=D,
+        BLOCK_S=block_s, BLOCK_D=_next_pow2(D), CHUNKS_CT=n_chunks if interp else 0,
+        **({} if interp else {"num_warps": 4}))
+    return o, lse
+
+
+def _check_lut(lut, q_rot) -> str:
+    """The centroid lookup to use: ``lut`` checked, or the default where it applies."""
+    asm_ok = (not _interpreting()) and q_rot.dtype != torch.float32 and q_rot.device.type == "cuda"
     if lut is None:
         lut = "asm" if asm_ok else "load"
     if lut not in ("asm", "load"):
         raise ValueError(f"lut must be 'asm' or 'load', got {lut!r}")
     if lut == "asm" and not asm_ok:
         raise ValueError("lut='asm' needs a CUDA device, 16-bit queries and no Triton interpreter")
+    return lut
+
+
+def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, *, bits_k, bits_v,
+                   length, scale, lut=None, block_n=None, splits=None, num_warps=1, num_stages=2,
+                   maxnreg=None, k_table=None, v_table=None):
+    """Run the split kernel over ``length`` > 0 held tokens (arguments checked by the caller):
+    (m, l, o) partials per (batch x KV head, split, query row) in base 2, and the split count."""
+    B, Hq, Tq, D = q_rot.shape
+    Hkv = k_codes.shape[1]
+    dev = q_rot.device
+    G = Hq // Hkv
+    GT = G * Tq
+    f32 = q_rot.dtype == torch.float32
+    interp = _interpreting()
+    lut = _check_lut(lut, q_rot)
     asm_k = lut == "asm" and bits_k <= 4
     asm_v = lut == "asm" and bits_v <= 4
 
@@ -637,16 +678,6 @@ def attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centr
     tps = tiles_per_split * block_n
     splits = max(1, -(-length // tps))
 
-    if out is None:
-        o = torch.empty((B, Hq, Tq, D), device=dev, dtype=torch.float32)
-        lse = torch.empty((B, Hq, Tq), device=dev, dtype=torch.float32)
-    else:
-        o, lse = out
-        if (tuple(o.shape) != (B, Hq, Tq, D) or tuple(lse.shape) != (B, Hq, Tq) or o.dtype != torch.float32
-                or lse.dtype != torch.float32 or not o.is_contiguous() or not lse.is_contiguous()):
-            raise ValueError("out must be contiguous float32 tensors of shapes (B, Hq, Tq, D) and (B, Hq, Tq)")
-    if length == 0:
-        return o.zero_(), lse.fill_(float("-inf"))
     ws_m = torch.empty((BH, splits, GT), device=dev, dtype=torch.float32)
     ws_l = torch.empty_like(ws_m)
     ws_o = torch.empty((BH, splits, GT, D), device=dev, dtype=torch.float32)
@@ -670,10 +701,4 @@ def attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centr
         KT0=kt[0], KT1=kt[1], KT2=kt[2], KT3=kt[3], VT0=vt[0], VT1=vt[1], VT2=vt[2], VT3=vt[3],
         **kern_kw,
     )
-    block_s = min(16, _next_pow2(splits))
-    n_chunks = -(-splits // block_s)
-    _merge_kernel[(BH, GT)](
-        ws_m, ws_l, ws_o, o, lse, splits, Hkv, G=G, TQ=Tq, D=D,
-        BLOCK_S=block_s, BLOCK_D=_next_pow2(D), CHUNKS_CT=n_chunks if interp else 0,
-        **({} if interp else {"num_warps": 4}))
-    return o, lse
+    return ws_m, ws_l, ws_o, splits

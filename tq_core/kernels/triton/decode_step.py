@@ -1,0 +1,231 @@
+"""One attention call of a compressed layer in two kernel launches (Triton, CUDA; the interpreter on CPU).
+
+    attend_step(q, q_rot, scale, hist, dense, ...) -> out (B, Hq, Tq, D) in q's dtype
+
+What a layer holds is [sinks | history (packed codes) | window] plus the call's own tokens. The
+history is read by ``decode_attention``'s split kernel (rotated query, scores from codes, values
+summed in V's rotated space, one partial per split). A second kernel, one program per (batch, KV
+head, query row), then does everything else a decode step needs, which array ops would spend some forty small
+launches on:
+
+1. merges the history's split partials (log-sum-exp weights, base 2) and rotates that output back
+   to the original space once (``o @ R_v``, 32 columns at a time as they are summed);
+2. attends the same queries, unrotated, over the full-precision tokens: up to three segments
+   (sinks, window, the call's own tokens; the last one causal among the queries, which are the last
+   ``Tq`` of its tokens), with an online softmax, float32 products;
+3. joins both parts by their running maxima and sums and writes the output in the query's dtype.
+
+The two parts share one softmax exactly as ``kvstore.View.attend`` defines it; parity tests hold
+this path to the array-ops path over the same stored codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import _LOG2E, _check_lut, _interpreting, _launch_splits, _next_pow2
+
+__all__ = ["attend_step", "MAX_ROWS", "MAX_DIM"]
+
+MAX_ROWS = 16  # query rows per KV head (G * Tq)
+MAX_DIM = 256  # head dims the step kernel takes (a (32, head_dim) tile of V's rotation at a time)
+
+
+@triton.jit
+def _dense_segment(q, m_i, l_i, acc, K, s_kb, s_kh, s_kn, s_kd, V, s_vb, s_vh, s_vn, s_vd, n,
+                   b, h, d, d_ok, t, shift, qk_scale,
+                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr, TILES_CT: tl.constexpr):
+    """Online softmax of one query row ``q`` (BD,) over ``n`` full-precision tokens of one segment."""
+    kb = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vb = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    for it in range(0, TILES_CT if INTERP else tl.cdiv(n, BLOCK_N)):
+        nn = it * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = nn < n
+        n64 = nn.to(tl.int64)
+        lm = nmask[:, None] & d_ok[None, :]
+        k = tl.load(kb + n64[:, None] * s_kn + d[None, :] * s_kd, mask=lm, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1) * qk_scale
+        ok = nmask
+        if CAUSAL:
+            ok = ok & (nn <= t + shift)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(vb + n64[:, None] * s_vn + d[None, :] * s_vd, mask=lm, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _step_kernel(
+    M_WS, L_WS, O_WS, n_splits, RV,
+    Q, s_qb, s_qh, s_qt, s_qd,
+    K0, s_k0b, s_k0h, s_k0n, s_k0d, V0, s_v0b, s_v0h, s_v0n, s_v0d, n0,
+    K1, s_k1b, s_k1h, s_k1n, s_k1d, V1, s_v1b, s_v1h, s_v1n, s_v1d, n1,
+    K2, s_k2b, s_k2h, s_k2n, s_k2d, V2, s_v2b, s_v2h, s_v2n, s_v2d, n2,
+    OUT, s_ob, s_oh, s_ot, s_od,
+    qk_scale, HKV, shift,
+    G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, DC: tl.constexpr, HAS_HIST: tl.constexpr, INTERP: tl.constexpr,
+    T0_CT: tl.constexpr, T1_CT: tl.constexpr, T2_CT: tl.constexpr, CH_CT: tl.constexpr,
+):
+    """One program per (batch x KV head, query row): float32 products throughout (no tensor cores:
+    one row reads a few hundred full-precision tokens and a (D, D) rotation, all from L2)."""
+    pid_bh = tl.program_id(0)
+    r = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    GT: tl.constexpr = G * TQ
+    g = r // TQ
+    t = r % TQ
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    qrow = b.to(tl.int64) * s_qb + (h * G + g).to(tl.int64) * s_qh + t.to(tl.int64) * s_qt
+    q = tl.load(Q + qrow + d * s_qd, mask=d_ok, other=0.0).to(tl.float32)
+
+    # The full-precision tokens, in the original space.
+    m_d = tl.full([], float("-inf"), tl.float32)
+    l_d = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    m_d, l_d, acc = _dense_segment(q, m_d, l_d, acc, K0, s_k0b, s_k0h, s_k0n, s_k0d, V0, s_v0b, s_v0h, s_v0n,
+                                   s_v0d, n0, b, h, d, d_ok, t, shift, qk_scale, False, BLOCK_N, INTERP, T0_CT)
+    m_d, l_d, acc = _dense_segment(q, m_d, l_d, acc, K1, s_k1b, s_k1h, s_k1n, s_k1d, V1, s_v1b, s_v1h, s_v1n,
+                                   s_v1d, n1, b, h, d, d_ok, t, shift, qk_scale, False, BLOCK_N, INTERP, T1_CT)
+    m_d, l_d, acc = _dense_segment(q, m_d, l_d, acc, K2, s_k2b, s_k2h, s_k2n, s_k2d, V2, s_v2b, s_v2h, s_v2n,
+                                   s_v2d, n2, b, h, d, d_ok, t, shift, qk_scale, True, BLOCK_N, INTERP, T2_CT)
+
+    if HAS_HIST:
+        # The history: merge this row's split partials (BLOCK_S splits per load), DC output
+        # columns of V's rotated space at a time, each chunk rotated back as soon as it is summed.
+        base = pid_bh.to(tl.int64) * n_splits
+        sp = tl.arange(0, BLOCK_S)
+        n_chunks = tl.cdiv(n_splits, BLOCK_S)
+        m_v = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for ch in range(0, CH_CT if INTERP else n_chunks):
+            s_i = ch * BLOCK_S + sp
+            m_v = tl.maximum(m_v, tl.load(M_WS + (base + s_i) * GT + r, mask=s_i < n_splits, other=float("-inf")))
+        m_h = tl.max(m_v, 0)
+        m_hs = tl.where(m_h > float("-inf"), m_h, 0.0)
+        l_v = tl.zeros([BLOCK_S], tl.float32)
+        for ch in range(0, CH_CT if INTERP else n_chunks):
+            s_i = ch * BLOCK_S + sp
+            ok = s_i < n_splits
+            w = tl.exp2(tl.load(M_WS + (base + s_i) * GT + r, mask=ok, other=float("-inf")) - m_hs)
+            l_v += w * tl.load(L_WS + (base + s_i) * GT + r, mask=ok, other=0.0)
+        l_h = tl.sum(l_v, 0)
+        o_h = tl.zeros([BLOCK_D], tl.float32)
+        dc = tl.arange(0, DC)
+        for c in range(0, BLOCK_D // DC):
+            col = c * DC + dc
+            col_ok = col < D
+            oc = tl.zeros([DC], tl.float32)
+            for ch in range(0, CH_CT if INTERP else n_chunks):
+                s_i = ch * BLOCK_S + sp
+                ok = s_i < n_splits
+                w = tl.exp2(tl.load(M_WS + (base + s_i) * GT + r, mask=ok, other=float("-inf")) - m_hs)
+                o_s = tl.load(O_WS + ((base + s_i) * GT + r)[:, None] * D + col[None, :],
+                              mask=ok[:, None] & col_ok[None, :], other=0.0)
+                oc += tl.sum(w[:, None] * o_s, 0)
+            r_v = tl.load(RV + col[:, None] * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            o_h += tl.sum(oc[:, None] * r_v, 0)
+        m = tl.maximum(m_h, m_d)
+        ms = tl.where(m > float("-inf"), m, 0.0)
+        wh = tl.exp2(m_h - ms)
+        wd = tl.exp2(m_d - ms)
+        num = o_h * wh + acc * wd
+        den = l_h * wh + l_d * wd
+    else:
+        num = acc
+        den = l_d
+    out = num / tl.where(den > 0, den, 1.0)
+    orow = b.to(tl.int64) * s_ob + (h * G + g).to(tl.int64) * s_oh + t.to(tl.int64) * s_ot
+    tl.store(OUT + orow + d * s_od, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 0, rot_v=None,
+                bits_k: int = 0, bits_v: int = 0, k_centroids=None, v_centroids=None, k_table=None,
+                v_table=None, lut: str | None = None):
+    """Attention of ``q`` (B, Hq, Tq, D) over a compressed layer, in two launches.
+
+    Args:
+        q: the queries, unscaled, in the model's dtype (the output's dtype).
+        scale: score scale (1/sqrt(D) unless the model says otherwise).
+        dense: three (k, v) pairs or None, each (B, Hkv, n_i, D), any float dtype and strides: the
+            sinks, the window and the call's own tokens, in key order. The queries are the last
+            ``Tq`` of the own tokens: row t reads own token i when i <= t + (n_own - Tq).
+        q_rot: the queries rotated by K's rotation (q @ R_k.T, unscaled; float32 or 16-bit: see
+            ``decode_attention.attend_codes``); hist: (k_codes, k_norms, v_codes, v_norms) of the
+            history; length: its held tokens (0: no history, then q_rot and hist are not read);
+            rot_v: V's rotation (D, D) float32 (o = o_rot @ rot_v); bits, centroids, tables and
+            ``lut`` as for ``attend_codes``.
+
+    Returns: (B, Hq, Tq, D) in ``q``'s dtype.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, Hq, Tq, D), got shape {tuple(q.shape)}")
+    B, Hq, Tq, D = q.shape
+    if len(dense) != 3:
+        raise ValueError("dense must hold three (k, v) pairs or None: sinks, window, own tokens")
+    held = [kv for kv in dense if kv is not None]
+    like = held[0][0] if held else (hist[0] if length else None)
+    if like is None:
+        raise ValueError("nothing to attend: no history and no full-precision tokens")
+    Hkv = like.shape[1]
+    if Hkv <= 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    G = Hq // Hkv
+    if G * Tq > MAX_ROWS or D > MAX_DIM:
+        raise ValueError(f"attend_step takes G * Tq <= {MAX_ROWS} query rows and head_dim <= {MAX_DIM}, "
+                         f"got {G * Tq} and {D}")
+    for kv in held:
+        for x in kv:
+            if x.dim() != 4 or tuple(x.shape[:2]) != (B, Hkv) or x.shape[3] != D or x.device != q.device:
+                raise ValueError(f"dense tokens must be ({B}, {Hkv}, n, {D}) on {q.device}, "
+                                 f"got {tuple(x.shape)} on {x.device}")
+    interp = _interpreting()
+    dev = q.device
+    BH = B * Hkv
+    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_N = 32
+    BLOCK_S = 16
+    if length:
+        _check_lut(lut, q_rot)
+        k_codes, k_norms, v_codes, v_norms = hist
+        ws_m, ws_l, ws_o, splits = _launch_splits(
+            q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, bits_k=bits_k, bits_v=bits_v,
+            length=int(length), scale=scale, lut=lut, k_table=k_table, v_table=v_table)
+        if tuple(rot_v.shape) != (D, D) or rot_v.dtype != torch.float32 or not rot_v.is_contiguous():
+            raise ValueError(f"rot_v must be a contiguous ({D}, {D}) float32 tensor")
+    else:
+        ws_m = ws_l = ws_o = rot_v = q  # not read
+        splits = 0
+    out = torch.empty((B, Hq, Tq, D), device=dev, dtype=q.dtype)
+    seg_args, tiles = [], []
+    for kv in dense:
+        if kv is None:
+            seg_args += [q, 0, 0, 0, 0, q, 0, 0, 0, 0, 0]  # n = 0: never read
+            tiles.append(0)
+        else:
+            k, v = kv
+            if k.shape[2] != v.shape[2]:
+                raise ValueError(f"k and v of a segment must hold the same tokens, got {k.shape[2]} and {v.shape[2]}")
+            seg_args += [k, *k.stride(), v, *v.stride(), k.shape[2]]
+            tiles.append(-(-k.shape[2] // BLOCK_N))
+    n_own = 0 if dense[2] is None else dense[2][0].shape[2]
+    n_chunks = -(-splits // BLOCK_S)
+    _step_kernel[(BH, G * Tq)](
+        ws_m, ws_l, ws_o, splits, rot_v,
+        q, *q.stride(), *seg_args, out, *out.stride(),
+        float(scale) * _LOG2E, Hkv, n_own - Tq,
+        G=G, TQ=Tq, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, DC=min(32, BLOCK_D),
+        HAS_HIST=bool(length), INTERP=interp,
+        T0_CT=tiles[0] if interp else 0, T1_CT=tiles[1] if interp else 0, T2_CT=tiles[2] if interp else 0,
+        CH_CT=n_chunks if interp else 0,
+        **({} if interp else {"num_warps": 4}))
+    return out
