@@ -96,7 +96,7 @@ def pytest_configure(config):
         run["gpu_of_worker"] = gpu
     if config.getoption("numprocesses", default=None) or getattr(config, "workerinput", None) is not None:
         # pytest-benchmark turns itself off under xdist: the report says speed was not measured.
-        run["speed"] = "not measured: pytest-benchmark is off under pytest-xdist (time the speed suites serially)"
+        run["speed"] = "not measured: the speed suites skip under pytest-xdist (time them in a serial pass)"
     config.stash[HARNESS] = Harness(backends, reasons, matrix, corpus, run)
     from reports import collect  # loaded as this conftest's plugin (pytest_plugins), imported here after
 
@@ -117,13 +117,23 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cache_config", h.matrix, ids=_ids("config"))
 
 
+SPEED_MODULES = ("test_speed.py", "test_speed_attention.py")  # reports.coverage.SPEED_SUITES
+XDIST_SPEED_SKIP = ("speed suites are timed in a serial pass: pytest-benchmark is off under pytest-xdist, and "
+                    "parallel workers would contend for the device's memory and time (run them without -n)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--tq-tier") == "nightly":
-        return
-    skip = pytest.mark.skip(reason="nightly tier only: run with --tq-tier nightly")
+    # Under pytest-xdist nothing can be timed, and the speed suites' largest cases (a 40 GiB budget,
+    # 32 layers at 32k) would share one device with every other worker: they skip, and say so.
+    xdist = getattr(config, "workerinput", None) is not None
+    nightly = config.getoption("--tq-tier") == "nightly"
+    skip_nightly = pytest.mark.skip(reason="nightly tier only: run with --tq-tier nightly")
+    skip_speed = pytest.mark.skip(reason=XDIST_SPEED_SKIP)
     for item in items:
-        if "nightly" in item.keywords:
-            item.add_marker(skip)
+        if xdist and item.path.name in SPEED_MODULES:
+            item.add_marker(skip_speed)
+        elif not nightly and "nightly" in item.keywords:
+            item.add_marker(skip_nightly)
 
 
 @pytest.fixture(autouse=True)
