@@ -36,8 +36,9 @@ TRANSFORMERS_OLDEST = "transformers==5.17.0"
 OLDEST_PINS = ("numpy==1.24.0", "scipy==1.12.0")
 APPLE = sys.platform == "darwin" and platform.machine() == "arm64"
 MLX_EXTRA = "mlx" if sys.platform == "darwin" else "mlx-cpu"
-# MLX on Linux CPU uses a system OpenBLAS when present (tq_core/blas.py loads it; Debian/Ubuntu:
-# apt-get install libopenblas0-pthread); TQ_MLX_BLAS passes through to choose.
+# MLX on Linux CPU uses a system OpenBLAS when present (harness/blas.py loads it; Debian/Ubuntu:
+# apt-get install libopenblas0-pthread), else the mlx-cpu extra's scipy-openblas32 through a cblas
+# shim compiled on first use; TQ_MLX_BLAS passes through to choose (off, nosystem, scipy or a path).
 
 
 def _has_cuda() -> bool:
