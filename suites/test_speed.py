@@ -371,8 +371,24 @@ class ShapeCaches:
         return self.base.n[0], self.host.stores(self.tq)[0].length
 
 
+class StepLog:
+    """Seconds per decode step this module measured, for the consistency check at its end:
+    (backend, cache, batch) -> {(context, layers): seconds}."""
+
+    def __init__(self):
+        self.times: dict = {}
+
+    def add(self, backend, cache, batch, context, layers, seconds) -> None:
+        self.times.setdefault((backend, cache, batch), {})[(context, layers)] = seconds
+
+
+@pytest.fixture(scope="module")
+def step_log():
+    return StepLog()
+
+
 def test_cache_decode_tokens_per_s(backend, host, context, layers, batch, tier, benchmark, record, conditions,
-                                  headline):
+                                  headline, step_log):
     if context > GPU_ONLY_CONTEXT and backend != "torch-cuda":
         pytest.skip(f"context {context} on {layers} layers runs on torch-cuda only (memory and time)")
     CONFIG = headline  # noqa: N806  (the run's first config)
@@ -408,6 +424,8 @@ def test_cache_decode_tokens_per_s(backend, host, context, layers, batch, tier, 
         gates.check_speed_rate(f"decode_tokens_per_s[{cache_name}]", value)
         record("decode_tokens_per_s", value, "tok/s", cache=cache_name, **labels)
         benchmark.extra_info[f"decode_tokens_per_s[{cache_name}]"] = value
+    for cache_name, value in tps.items():
+        step_log.add(backend, "baseline" if cache_name == "baseline" else "compressed", batch, context, layers, 1 / value)
     ratio = tps[CONFIG.label] / tps["baseline"]
     record("speed_ratio", ratio, "x", phase="decode", config=CONFIG.label, **labels)
     # Per layer and token: the cache's overhead over the baseline, in ms (scales to any layer count).
@@ -415,3 +433,36 @@ def test_cache_decode_tokens_per_s(backend, host, context, layers, batch, tier, 
     record("decode_overhead_ms_per_layer", overhead_ms, "ms", config=CONFIG.label, **labels)
     benchmark.extra_info.update(labels, decode_ratio=ratio, decode_overhead_ms_per_layer=overhead_ms)
     timing.note_load(benchmark, record, host, conditions.gemm_gflops(host))
+
+
+# A step over L2 > L1 layers reads L2 / L1 times the K/V: it must take at least LAYER_FLOOR of that
+# ratio in time (fixed per-step costs are small beside one layer's); a longer context must not take
+# much less time than a shorter one (CONTEXT_FLOOR: noise).
+LAYER_FLOOR = 0.25
+CONTEXT_FLOOR = 0.75
+
+
+def step_contradictions(times: dict) -> list[str]:
+    """What in {(context, layers): seconds per step} of one (backend, cache, batch) cannot all be true."""
+    bad = []
+    for (c1, l1), t1 in times.items():
+        for (c2, l2), t2 in times.items():
+            if c1 == c2 and l2 > l1 and t2 < LAYER_FLOOR * (l2 / l1) * t1:
+                bad.append(f"{l2} layers took {t2 * 1e3:.2f} ms per step but {l1} layers {t1 * 1e3:.2f} ms "
+                           f"(context {c1})")
+            if l1 == l2 and c2 > c1 and t2 < CONTEXT_FLOOR * t1:
+                bad.append(f"context {c2} took {t2 * 1e3:.2f} ms per step but context {c1} {t1 * 1e3:.2f} ms "
+                           f"({l1} layers)")
+    return bad
+
+
+def test_decode_steps_are_consistent(step_log):
+    """Sanity of this module's decode-step timings, per (backend, cache, batch): time per step grows with
+    layers (at least LAYER_FLOOR of linear) and does not shrink with context (CONTEXT_FLOOR). A run
+    whose timings contradict themselves (e.g. a baseline slower on 2 layers than on 32) fails here
+    instead of landing in the report as a speed-up."""
+    if not step_log.times:
+        pytest.skip("no cache decode timings in this run (benchmarks disabled or deselected)")
+    bad = [f"{key}: {msg}" for key, times in step_log.times.items() for msg in step_contradictions(times)]
+    assert not bad, "decode-step timings contradict themselves: " + "; ".join(bad)
+

@@ -1,5 +1,6 @@
-"""Under pytest-xdist the speed suites skip with a reason (nothing can be timed there, and their largest
-cases would share one device with every other worker); outside xdist they run."""
+"""Rules of the speed harness: under pytest-xdist the speed suites skip with a reason (nothing can be
+timed there, and their largest cases would share one device with every other worker), outside xdist
+they run; the cache-decode timings are checked for self-contradiction."""
 
 from __future__ import annotations
 
@@ -48,3 +49,13 @@ def test_nightly_items_still_skip_in_the_default_tier():
     root_conftest.pytest_collection_modifyitems(_config(False, "default"), items)
     assert [bool(i.markers) for i in items] == [True, False]
     assert "nightly tier only" in items[0].markers[0].kwargs["reason"]
+
+
+def test_decode_step_consistency_rules():
+    """The cache-decode sanity check flags what cannot all be true (the H200 run of b50d1c0's
+    baseline: 52 ms per step on 2 layers, 1.75 ms on 32) and lets plausible timings pass."""
+    from suites.test_speed import step_contradictions
+
+    assert step_contradictions({(1024, 2): 0.052, (1024, 32): 0.00175})
+    assert step_contradictions({(1024, 32): 0.020, (4096, 32): 0.010})
+    assert not step_contradictions({(1024, 2): 0.0002, (1024, 32): 0.0018, (4096, 32): 0.0025})
