@@ -372,8 +372,9 @@ def headlines(run: Run, speed_from: list[Run] | None = None) -> list[dict]:
     "gates": {suite: PASS | FAIL | UNCALIBRATED}, "note"}. ``speed_from``: runs of the same commit
     whose speed records fill the speed column where this run timed nothing (the serial speed pass).
 
-    Pairs come in the order the perplexity suite scored them, then any other, in record order; the
-    baseline last.
+    Pairs come in the order of the run's configs (``run.configs``: the tier's headline default first),
+    then any other in the order the perplexity suite scored them, then in record order; the baseline
+    last.
     """
     model = run.model
     recs = flat(run)
@@ -440,7 +441,10 @@ def headlines(run: Run, speed_from: list[Run] | None = None) -> list[dict]:
         if any(cells.values()) or note:
             rows.append({"config": config, "backend": backend, "cells": cells, "gates": dict(sorted(g.items())),
                          "note": note})
-    rows.sort(key=lambda r: metrics.is_baseline_config(r["config"]))
+    # The run's own configs first, in its order (the tier's headline default leads), then any other,
+    # the baseline last.
+    order = {c: i for i, c in enumerate(run.run.get("configs") or [])}
+    rows.sort(key=lambda r: (metrics.is_baseline_config(r["config"]), order.get(str(r["config"]), len(order))))
     return rows
 
 

@@ -906,3 +906,14 @@ def test_six_file_history_from_real_results(tmp_path):
     assert flags and all(f.key.metric == "kld_mean" and f.at.run.commit == D and f.key.tier == "nightly"
                          for f in flags)
     assert nightly["run"]["incomplete"]  # the committed file itself is untouched
+
+
+def test_headline_row_is_the_runs_first_config_not_the_first_scored():
+    """A nightly run scores the plain config first in its perplexity suite; the headline row is still
+    the tier's default (the run's first config). Checked on a committed real H200 nightly run."""
+    path = ROOT / "reports" / "results" / "cuda" / "20261201T000445_f1a4764.json"
+    run = in_memory(json.loads(path.read_text()), path.stem)
+    rows = summary.headlines(run)
+    assert run.run["configs"][0] == "K4V2+s4w128"
+    assert rows[0]["config"] == "K4V2+s4w128" and rows[0]["cells"]["kld"] is not None
+    assert [r["config"] for r in rows].index("K4V2+s0w0") > 0
