@@ -78,8 +78,11 @@ def run_suites(session: nox.Session, target: str, backends: str) -> None:
     """Run the suites for one hardware target, then render its report."""
     failed = None
     try:
+        # Ctrl-C: nox passes SIGINT on and, by default, kills pytest 0.5 s later, before pytest can
+        # end its session and write the results file; give it time (a SIGKILL still leaves the
+        # streamed measurements, which the next reader recovers as an incomplete run).
         session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
-                    env={**_env(), "TQ_RESULTS_TARGET": target})
+                    env={**_env(), "TQ_RESULTS_TARGET": target}, interrupt_timeout=120, terminate_timeout=30)
     except CommandFailed as e:  # a gate failed: still render, the report shows which one in red
         failed = e
     session.run("python", "-m", "reports.render", "--target", target)
