@@ -82,11 +82,14 @@ def test_latest_real_results_render_clean(tmp_path):
 
 
 def test_h200_pages_say_what_each_run_was(pages):
-    """The cuda target has no complete run: no headline; the speed-only run is partial, the recovered
-    nightly run incomplete with its 60 tests; the speed run's page draws the speed section."""
+    """The cuda target's headline is its complete nightly run (f1a4764, 212 passed); its run history
+    lists the older speed-only runs as partial and the recovered nightly run of abd0d88 as incomplete
+    with its 60 tests; the speed run's page draws the speed section."""
     dom = browser.check(pages["h200:index.html"]).dom
-    assert "NO COMPLETE RUN" in dom and "INCOMPLETE" in dom and "PARTIAL" in dom
-    assert "incomplete (60 tests: memory, mse, perplexity, generation, needle)" in dom
+    assert "f1a4764072" in dom and "212 passed" in dom and "tier nightly" in dom
+    target = browser.check(pages["h200:cuda/index.html"]).dom
+    assert "INCOMPLETE" in target and "PARTIAL" in target
+    assert "incomplete (60 tests: memory, mse, perplexity, generation, needle)" in target
     speed = browser.check(pages["h200:cuda/runs/20261130T210711_abd0d88ea6.html"]).dom
     for text in ("Decode attention latency vs context (device time, CUDA graph)",
                  "Speed-up of attention over the codes vs context", "1,677,177 tokens"):
