@@ -5,7 +5,7 @@ Options:
   --tq-tier     default | nightly                                 (default default)
   --tq-config   a config label, e.g. K3V4+s0w0 (repeatable)        (default: the tier's matrix)
   --tq-method   the matrix through another KV method, e.g. uniform or uniform+g=32
-  --tq-model    HF id or local path of the real model             (default: SmolLM2-135M offline);
+  --tq-model    HF id, local folder or .gguf file of the real model (default: SmolLM2-135M offline);
                 every suite measures it, and the run records its id, geometry, layer types and
                 weights sha256 (``model``, ``model_info``, ``weights_sha256``)
   --tq-corpus   text file to score                                (default: pydoc_data.topics)
@@ -56,7 +56,8 @@ def pytest_addoption(parser):
                 help="run this cache config instead of the tier's matrix, e.g. K3V4+s0w0 (repeatable)")
     g.addoption("--tq-method", default=None, metavar="METHOD",
                 help="run the configs through this KV method, e.g. uniform or uniform+g=32")
-    g.addoption("--tq-model", default=None, help="HF model id or local path (default: SmolLM2-135M-Instruct)")
+    g.addoption("--tq-model", default=None,
+                help="HF model id, local folder or local .gguf file (default: SmolLM2-135M-Instruct)")
     g.addoption("--tq-corpus", default=None, help="UTF-8 text file to score (default: pydoc_data.topics)")
     g.addoption("--tq-no-results", action="store_true", help="do not write a results file")
 
@@ -70,6 +71,7 @@ def pytest_configure(config):
         backends, reasons = targets.resolve(config.getoption("--tq-target"))
         matrix = config_registry.matrix(config.getoption("--tq-tier"), config.getoption("--tq-config"),
                                         config.getoption("--tq-method"))
+        model_registry.check(config.getoption("--tq-model"))  # a bad path or GGUF: one usage error line
     except (RuntimeError, ValueError, TypeError) as e:
         raise pytest.UsageError(str(e)) from None
     try:

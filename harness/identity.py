@@ -118,13 +118,15 @@ def type_counts(types) -> dict:
 
 def model_id(model: str | os.PathLike | None) -> str:
     """The name results and calibration tables use for a model spec: the default's alias, else the
-    last part of the path or hub id (``/data/ckpt/gemma-3-1b`` and ``google/gemma-3-1b`` both name
-    ``gemma-3-1b``; the weights hash tells them apart)."""
+    last part of the path or hub id, without a ``.gguf`` suffix (``/data/ckpt/gemma-3-1b``,
+    ``google/gemma-3-1b`` and ``/data/gemma-3-1b.gguf`` all name ``gemma-3-1b``; the weights hash
+    tells them apart)."""
     from tq_core import models
 
     if model is None or str(model).strip().lower() in models.ALIASES:
         return models.DEFAULT_MODEL
-    return str(model).rstrip("/").rstrip(os.sep).split("/")[-1].split(os.sep)[-1]
+    name = str(model).rstrip("/").rstrip(os.sep).split("/")[-1].split(os.sep)[-1]
+    return name[:-len(".gguf")] if name.lower().endswith(".gguf") and len(name) > len(".gguf") else name
 
 
 def _hub_snapshot(repo_id: str) -> pathlib.Path | None:

@@ -297,11 +297,15 @@ def needle_cell(recs: list[dict], run_model) -> Cell | None:
 def projected_bits(recs: list[dict], bits: dict, tokens: int) -> float | None:
     """Bits per channel the cache of ``bits``'s test would hold at ``tokens``: the sinks and window
     (and any other part) as the fixed bytes measured, codes and norms at the measured bytes per
-    encoded token. None without the per-part records of that test (or with nothing encoded)."""
+    encoded token. None without the per-part records of that test (or with nothing encoded), and
+    when the cache kept some layers uncompressed (sliding-window layers grow up to a window these
+    records do not state, then stay fixed: no honest projection)."""
     same = {r["metric"]: r["value"] for r in recs if r["test"] == bits["test"] and r["suite"] == bits["suite"]
             and all(show(r.get(k)) == show(bits.get(k)) for k in ("config", "backend", "model", "tokens", "chunk"))}
     need = ("bytes_codes", "bytes_norms", "tokens_held", "tokens_encoded")
     if any(k not in same for k in need) or not same["tokens_encoded"] or not same["tokens_held"]:
+        return None
+    if same.get("bytes_uncompressed", 0.0) > 0:
         return None
     fixed = sum(same.get(f"bytes_{p}", 0.0) for p in ("sinks", "window", "other"))
     per_token = (same["bytes_codes"] + same["bytes_norms"]) / same["tokens_encoded"]

@@ -56,7 +56,7 @@ def test_info():
     (["compare", "--bits-v", "0"], "bits_v must be an int in 1..8, got 0"),
     (["run", "--backend", "jax"], "backend must be one of ('torch', 'mlx'), got 'jax'"),
     (["compare", "--backend", "jax"], "backend must be one of ('torch', 'mlx'), got 'jax'"),
-    (["run", "--model", "/nonexistent/path"], "model directory not found: /nonexistent/path"),
+    (["run", "--model", "/nonexistent/path"], "--model /nonexistent/path: model directory not found: /nonexistent/path"),
     (["run", "--sinks", "-1"], "sinks must be a non-negative int, got -1"),
 ])
 def test_bad_input_one_error_line(args, message):

@@ -139,8 +139,14 @@ def _load(args):
     integration = _integration(args.backend)  # a bad backend fails here, before the model loads
     device = _device(args)  # and a bad --device
     models.cache_dir()  # and an unusable TQ_CACHE_DIR
+    models.check(args.model, "--model")  # and a missing path, a non-GGUF file, a GGUF transformers cannot load
     loaders = {"torch": lambda: models.load_hf(args.model, device=device), "mlx": lambda: models.load_mlx(args.model)}
-    model, tok = loaders[args.backend]()
+    try:
+        model, tok = loaders[args.backend]()
+    except (OSError, ValueError) as e:  # the model itself (a folder or GGUF that does not load): name the option
+        if args.model is None:
+            raise
+        raise ValueError(f"--model {args.model}: {_one_line(e)}") from e
     return model, tok, integration
 
 
@@ -269,7 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("run", "generate with a compressed cache"),
                         ("compare", "baseline vs compressed generation side by side")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default=None, help="HF id or local folder (default: SmolLM2-135M-Instruct)")
+        s.add_argument("--model", default=None, help="HF id, local folder or local .gguf file, converted once into "
+                                                      "the cache (default: SmolLM2-135M-Instruct)")
         s.add_argument("--prompt", default=DEFAULT_PROMPT)
         s.add_argument("--config", default=None, help="a cache config label, e.g. K4V2+s4w128 or uniform:K4V2+s4w128 "
                                                        "(instead of --bits-k/--bits-v/--sinks/--window/--seed)")

@@ -34,7 +34,10 @@ class TorchHost:
         return Model(model, tok, tok, geometry(model.config), None if source is None else str(source))
 
     def tokenize(self, m: Model, text: str) -> list[int]:
-        return list(m.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """``text`` as the model reads a document: its tokenizer's leading special tokens (BOS), then the text."""
+        from tq_core.greedy import text_ids
+
+        return text_ids(m.tokenizer, text)
 
     # ---- caches ---------------------------------------------------------------------------------
     def new_cache(self, m: Model, config=None, simulate: bool = False, reserve: int = 0, attention: str = "auto"):
