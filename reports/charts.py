@@ -31,7 +31,8 @@ def esc(s) -> str:
 
 @dataclass
 class Series:
-    """One line/point set. ``err`` are ± half-widths; ``labels`` annotate points."""
+    """One line/point set. ``err`` are ± half-widths; ``labels`` annotate points; ``shape``: the point
+    marker, one of ``SHAPES`` (circle unless said), so series differ by more than colour."""
 
     name: str
     x: list
@@ -43,6 +44,26 @@ class Series:
     color: str | None = None
     labels: list | None = None
     meta: dict | None = None  # the labels the series was selected by (for merging and naming)
+    shape: str = "circle"
+
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+
+
+def marker(shape: str, x: float, y: float, color: str, r: float = 3.2, tip: str | None = None) -> str:
+    """One point marker centred on (x, y): a circle, square, triangle or diamond of about radius ``r``."""
+    title = f"<title>{esc(tip)}</title>" if tip is not None else ""
+    style = f'fill="{color}" stroke="#fff" stroke-width="0.8"'
+    if shape == "square":
+        a = r * 0.9
+        return f'<rect x="{x - a:.1f}" y="{y - a:.1f}" width="{2 * a:.1f}" height="{2 * a:.1f}" {style}>{title}</rect>'
+    if shape in ("triangle", "diamond"):
+        a = r * 1.3
+        pts = ([(x, y - a), (x + a, y + a * 0.75), (x - a, y + a * 0.75)] if shape == "triangle" else
+               [(x, y - a), (x + a, y), (x, y + a), (x - a, y)])
+        d = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+        return f'<polygon points="{d}" {style}>{title}</polygon>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {style}>{title}</circle>'
 
 
 # ---- scales ------------------------------------------------------------------------------------
@@ -135,22 +156,29 @@ def _svg_open(width: float, height: float, title: str) -> str:
             f'<title>{esc(title)}</title>')
 
 
-def _legend(items: list[tuple[str, str, str | None]], x0: float, y0: float, width: float) -> tuple[str, float]:
-    """Legend rows (name, color, dash) flowing left to right from (x0, y0); returns (svg, height).
+def _legend(items: list[tuple], x0: float, y0: float, width: float) -> tuple[str, float]:
+    """Legend rows (name, color, dash[, shape, line]) flowing left to right from (x0, y0); returns (svg,
+    height). ``shape`` (default circle) is the series' marker, None for none; ``line`` False: no line.
 
     A name too long for one row is cut with an ellipsis; the full name is its tooltip.
     """
     out, x, y = [], x0, y0
     max_chars = int((width - 44) / CHAR_W)
-    for name, color, dash in items:
+    for name, color, dash, *rest in items:
+        shape, line = (rest + ["circle", True][len(rest):])[:2]
         shown = name if len(name) <= max_chars else name[: max_chars - 1] + "…"
         w = 30 + CHAR_W * len(shown) + 14
         if x > x0 and x + w > x0 + width:
             x, y = x0, y + 16
         d = f' stroke-dasharray="{dash}"' if dash else ""
-        out.append(f'<g><title>{esc(name)}</title><line x1="{x:.1f}" y1="{y:.1f}" x2="{x + 22:.1f}" y2="{y:.1f}" '
-                   f'stroke="{color}" stroke-width="2"{d}/><circle cx="{x + 11:.1f}" cy="{y:.1f}" r="2.6" '
-                   f'fill="{color}"/><text x="{x + 28:.1f}" y="{y + 3.8:.1f}" fill="#222">{esc(shown)}</text></g>')
+        stroke = (f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x + 22:.1f}" y2="{y:.1f}" stroke="{color}" '
+                  f'stroke-width="2"{d}/>') if line else ""
+        if shape == "circle":
+            dot = f'<circle cx="{x + 11:.1f}" cy="{y:.1f}" r="2.6" fill="{color}"/>'
+        else:
+            dot = marker(shape, x + 11, y, color, 3.4) if shape else ""
+        out.append(f'<g><title>{esc(name)}</title>{stroke}{dot}'
+                   f'<text x="{x + 28:.1f}" y="{y + 3.8:.1f}" fill="#222">{esc(shown)}</text></g>')
         x += w
     return "".join(out), (y - y0 + 16 if items else 0)
 
@@ -158,6 +186,28 @@ def _legend(items: list[tuple[str, str, str | None]], x0: float, y0: float, widt
 def _legend_height(names: list[str], width: float) -> float:
     _, h = _legend([(n, "#000", None) for n in names], 0, 0, width)
     return h
+
+
+def _place_label(text: str, px: float, py: float, x_max: float, y_max: float, placed: list) -> tuple:
+    """Where a point's label goes: right of the point and above it (left of it near the right edge);
+    where that overlaps a label already placed, below it, then on the other side. Returns (x, y,
+    anchored at its end) and adds the label's box to ``placed``."""
+    right_edge = px + 8 + 5.6 * len(text) > x_max
+    w, h = 6.2 * len(text), 10.0  # generous: labels are mostly capitals and digits
+    sides = (not right_edge, right_edge)
+    options = [(side, dy) for side in sides for dy in (-5.0, 12.0) if py + dy <= y_max]
+    options = options or [(not right_edge, -5.0)]
+
+    def box(side, dy):
+        x0 = px + 5 if side else px - 5 - w
+        return x0, py + dy - h + 2, x0 + w, py + dy + 2
+
+    def free(b):
+        return all(b[2] <= o[0] or b[0] >= o[2] or b[3] <= o[1] or b[1] >= o[3] for o in placed)
+
+    side, dy = next((o for o in options if free(box(*o))), options[0])
+    placed.append(box(side, dy))
+    return (px + 5 if side else px - 5), py + dy, not side
 
 
 # ---- charts ------------------------------------------------------------------------------------
@@ -211,9 +261,10 @@ def xy_chart(series: list[Series], *, title: str, x_label: str, y_label: str, lo
                           f'<text x="{ax(mx) + 3:.1f}" y="{top + 11}" fill="#cf222e" font-size="10">'
                           f'{esc(text)}</text>'))
     legend = []
+    placed: list = []  # boxes of the point labels drawn so far
     for i, s in enumerate(series):
         color = s.color or PALETTE[i % len(PALETTE)]
-        legend.append((s.name, color, s.dash))
+        legend.append((s.name, color, s.dash, s.shape if s.marker else None, s.line))
         pts = [(ax(x), ay(y), k) for k, (x, y) in enumerate(zip(s.x, s.y)) if ax.ok(x) and ay.ok(y)]
         if s.line and len(pts) > 1:
             d = " ".join(f"{'M' if j == 0 else 'L'}{px:.1f},{py:.1f}" for j, (px, py, _) in enumerate(pts))
@@ -230,12 +281,11 @@ def xy_chart(series: list[Series], *, title: str, x_label: str, y_label: str, lo
             if s.marker or len(pts) == 1:  # a lone point of a line-only series still shows
                 xn = x_names.get(s.x[k], fmt.num(s.x[k])) if x_names else fmt.num(s.x[k])
                 tip = f"{s.name}: {xn} → {fmt.pm(s.y[k], e)}"
-                out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.2" fill="{color}" stroke="#fff" '
-                           f'stroke-width="0.8"><title>{esc(tip)}</title></circle>')
+                out.append(marker(s.shape, px, py, color, 3.2, tip))
             if s.labels and s.labels[k]:
-                right_edge = px + 8 + 5.6 * len(str(s.labels[k])) > left + pw
-                anchor = ' text-anchor="end"' if right_edge else ""
-                out.append(f'<text x="{px - 5 if right_edge else px + 5:.1f}" y="{py - 5:.1f}" fill="{color}" '
+                tx, ty, end = _place_label(str(s.labels[k]), px, py, left + pw, top + ph, placed)
+                anchor = ' text-anchor="end"' if end else ""
+                out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" fill="{color}" '
                            f'font-size="10"{anchor}>{esc(s.labels[k])}</text>')
     if not (len(legend) == 1 and legend[0][0] == "all"):  # one unnamed series needs no legend
         leg, _ = _legend(legend, left, top + ph + 52, pw)

@@ -19,7 +19,7 @@ import urllib.parse
 
 import jinja2
 
-from . import coverage, fmt, metrics, runs, sections, stream, summary
+from . import coverage, fmt, frontier, metrics, runs, sections, stream, summary
 from .runs import Run
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
@@ -63,7 +63,9 @@ def context(run: Run, speed_from: list[Run] | None = None) -> dict:
     bits_map = {(r["config"], r["backend"]): r["cells"]["bits"].value for r in head if r["cells"]["bits"]}
     secs = sections.build(run.frame(), gates["suites"], bits_map, run.run.get("speed"), gates["suite_status"],
                           gates["uncalibrated"]) if run.records or run.run.get("speed") else []
+    frontiers, frontier_error = frontier.build(run, head)
     return {"run": run, "gates": gates, "head": head, "headline_defs": summary.HEADLINES,
+            "frontiers": frontiers, "frontier_error": frontier_error,
             "schema": runs.SCHEMA, "coverage": coverage.of(run),
             "sections": secs, "section_ids": {s.suite for s in secs}, "provenance": provenance(run),
             "source": run.path.name}

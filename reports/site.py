@@ -24,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import charts, coverage, fmt, plots, render, runs, summary, trends
+from . import charts, coverage, fmt, frontier, plots, render, runs, summary, trends
 from .charts import Series
 from .runs import Run
 
@@ -50,6 +50,8 @@ class TargetPage:
     coverage: dict = field(default_factory=dict)  # path -> coverage.Coverage
     newer: list = field(default_factory=list)  # runs started after ``latest`` (partial or incomplete)
     speed_from: list = field(default_factory=list)  # speed runs of the headline's commit feeding its speed column
+    frontiers: list = field(default_factory=list)  # frontier.Frontier per backend of the headline run
+    frontier_error: str = ""  # why the frontier is missing, when it failed on the records
 
     @property
     def unconfirmed(self) -> list:
@@ -174,6 +176,8 @@ def target_page(name: str, rs: list[Run], rules: list, skipped: list | None = No
                       newer=[r for r in rs if head_run is None or (r.started, r.path.name) > (head_run.started,
                                                                                                  head_run.path.name)])
     page.newer.sort(key=lambda r: (r.started, r.path.name), reverse=True)
+    if head_run is not None:
+        page.frontiers, page.frontier_error = frontier.build(head_run, head)
     for (model, corpus), grs in run_groups(rs):
         source = (grs[-1].run.get("corpus") or {}).get("source", "")
         figs = headline_trends(grs, flags, cache) + throughput_trends(grs, flags, rules)
