@@ -137,10 +137,12 @@ class StaticKV:
         self.n[layer] = i + 1
         return self.host.sdpa(q, self.k[layer][:, :, :i + 1], self.v[layer][:, :, :i + 1], scale)
 
-    def attend(self, layer: int, q, scale: float):
-        """Attention over what is held now, nothing stored (a fixed context for repeated timing)."""
+    def attend(self, layer: int, q, scale: float, backend: str | None = None):
+        """Attention over what is held now, nothing stored (a fixed context for repeated timing);
+        ``backend``: one of ``host.sdpa_backends()`` (default: the host's choice for a growing cache)."""
         n = self.n[layer]
-        return self.host.sdpa(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], scale)
+        kw = {} if backend is None else {"backend": backend}
+        return self.host.sdpa(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n], scale, **kw)
 
     @property
     def nbytes(self) -> int:

@@ -463,3 +463,37 @@ def test_attention_step_refuses_what_it_cannot_take():
         ds.attend_step(q[:, :4], 0.1, (None, None, None))
     with pytest.raises(ValueError, match="dense tokens must be"):
         ds.attend_step(q[:, :4], 0.1, ((kv[..., :32], kv[..., :32]), None, None))
+
+
+@pytest.mark.parametrize("batch,heads", [(1, 2), (2, 3)])
+def test_store_encodes_spilled_tokens_in_place(batch, heads, monkeypatch):
+    """A one-token decode step encodes the token leaving the window straight into the history
+    buffers (``Codec.encode_into``): the held codes and norms are exactly what the fused encode gives
+    for the same tokens, and decode step by step equals a prefill of the same tokens."""
+    from tq_core import kernels
+    from tq_core.config import CacheConfig
+    from tq_core.kernels import triton as triton_pkg
+    from tq_core.kvstore import LayerStore
+    from tq_core.ops import torch_ops
+
+    if not CUDA:
+        monkeypatch.setattr(torch_ops, "encode_kernel", lambda like: triton_pkg)
+    used = []
+    real = kernels.encode_into
+    monkeypatch.setattr(kernels, "encode_into", lambda *a: used.append(real(*a)) or used[-1])
+    gen = torch.Generator().manual_seed(7 + batch)
+    cfg = CacheConfig.parse("K4V2+s2w4")
+    tokens = (torch.randn(batch, heads, 12, 64, generator=gen) * 3).to(torch.bfloat16).to(DEV)
+    stepped, prefilled = LayerStore(cfg, 1, 64), LayerStore(cfg, 1, 64)
+    stepped.update(tokens[:, :, :6], tokens[:, :, :6])
+    for t in range(6, 12):
+        stepped.update(tokens[:, :, t:t + 1], tokens[:, :, t:t + 1])
+    prefilled.update(tokens, tokens)
+    assert True in used  # the one-token steps wrote in place
+    assert stepped.encoded_tokens == prefilled.encoded_tokens == 12 - 2 - 4
+    for hist_s, hist_p in ((stepped.hist_k, prefilled.hist_k), (stepped.hist_v, prefilled.hist_v)):
+        for name in ("codes", "norms"):
+            torch.testing.assert_close(hist_s.parts()[name], hist_p.parts()[name], rtol=0, atol=0)
+    direct = kernels.encode(stepped.codec_k.q, tokens[:, :, 2:8])
+    torch.testing.assert_close(stepped.hist_k.parts()["codes"], direct[0], rtol=0, atol=0)
+    torch.testing.assert_close(stepped.hist_k.parts()["norms"], direct[1], rtol=0, atol=0)

@@ -54,6 +54,18 @@ class History:
             self.buffers[name][:, :, self.n:self.n + t] = x
         self.n += t
 
+    def write(self, x) -> None:
+        """Encode ``x`` (B, H, t, D) and hold it after the tokens held: the codec writes into the
+        buffers where it can (``Codec.encode_into``: a fused kernel), else its fields are copied in."""
+        t = x.shape[2]
+        if self.n + t > self.capacity:
+            self._grow(x, self.n + t)
+        views = {name: buf[:, :, self.n:self.n + t] for name, buf in self.buffers.items()}
+        if not self.codec.encode_into(x, views):
+            for name, value in self.codec.encode(x).items():
+                self.buffers[name][:, :, self.n:self.n + t] = value  # (an MLX slice is a copy: write the buffer)
+        self.n += t
+
     def reserve(self, like, tokens: int) -> None:
         """Room for ``tokens`` encoded tokens in all (exactly: no spare when the count is known)."""
         if tokens > self.capacity:
@@ -128,6 +140,7 @@ class LayerStore:
         self.win_k = self.win_v = None  # (B, H, <=window, D)
         self.hist_k = History(self.codec_k)
         self.hist_v = History(self.codec_v)
+        self._steps: dict = {}  # (q shape, dtype, device, kv heads) -> the fused whole-call function or None
 
     # ---- what attention reads ---------------------------------------------------------------
     def update(self, k, v) -> "View":
@@ -192,12 +205,24 @@ class LayerStore:
         win_v = _append(ops, self.win_v, v)
         spill = win_k.shape[2] - self.config.window
         if spill > 0:
-            self.hist_k.append(self.codec_k.encode(win_k[:, :, :spill]))
-            self.hist_v.append(self.codec_v.encode(win_v[:, :, :spill]))
+            self.hist_k.write(win_k[:, :, :spill])
+            self.hist_v.write(win_v[:, :, :spill])
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None
         self.win_k, self.win_v = win_k, win_v
+
+    def __getstate__(self):
+        # The fused-call functions hold the constants they were made with: a copy makes its own.
+        return {**vars(self), "_steps": {}}
+
+    def attention_step(self, q, kv_heads: int):
+        """``kernels.attention_step`` for queries like ``q``, made once per (shape, dtype, device):
+        a decode loop calls it every step of every layer."""
+        key = (tuple(q.shape), str(q.dtype), str(getattr(q, "device", "")), kv_heads)
+        if key not in self._steps:
+            self._steps[key] = kernels.attention_step(self.codec_k, self.codec_v, q, kv_heads)
+        return self._steps[key]
 
     @property
     def sinks(self) -> int:
@@ -300,11 +325,11 @@ class View:
         use_kernel = (self.store.attention == "auto") if kernel is None else kernel
         if use_kernel and mask is None:
             # The whole call in the device's fused kernels, where it has them (CUDA).
-            step = kernels.attention_step(self.store.codec_k, self.store.codec_v, q, h)
+            step = self.store.attention_step(q, h)
             if step is not None:
                 dense = tuple(None if kv[0] is None else kv for kv in (
                     (self.sink_k, self.sink_v), (self.win_k, self.win_v), self.new or (None, None)))
-                return step(dense, self.hist_k, self.hist_v, self.history, scale)
+                return step(q, dense, self.hist_k, self.hist_v, self.history, scale)
         q32 = ops.reshape(ops.astype(q, ops.float32), (b, h, g * tq, d)) * scale
 
         # Key positions: sinks [0, S) | history [S, S + n) | window | this call's own tokens.

@@ -158,7 +158,11 @@ class MLXHost:
     def cat(self, xs, axis: int):
         return mx.concatenate(xs, axis=axis)
 
-    def sdpa(self, q, k, v, scale: float):
+    def sdpa_backends(self) -> tuple:
+        return ("default",)
+
+    def sdpa(self, q, k, v, scale: float, backend: str = "default"):
+        """MLX's fused attention (one implementation: ``backend`` is accepted for the host interface)."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
     def sync(self, *arrays) -> None:

@@ -68,11 +68,13 @@ def history_attention(codec_k, codec_v, like, dtype=None):
 def attention_step(codec_k, codec_v, q, kv_heads: int):
     """The whole attention call in fused kernels for this codec pair and ``q`` (B, Hq, Tq, D), or None.
 
-    Returns ``(dense, hist_k, hist_v, length, scale) -> out`` (B, Hq, Tq, D) in ``q``'s dtype:
-    ``dense`` = (sinks, window, own tokens) as (k, v) pairs or None (see the device kernel's
-    ``attend_step``), the history's fields and held length. Only devices whose kernel module has
-    an ``attend_step`` (Triton on CUDA) get one; elsewhere ``View.attend`` composes the history
-    kernel with array ops.
+    Returns ``(q, dense, hist_k, hist_v, length, scale) -> out`` (B, Hq, Tq, D) in ``q``'s dtype, for
+    any ``q`` of the same shape, dtype and device (a cache keeps it per layer): ``dense`` = (sinks,
+    window, own tokens) as (k, v) pairs or None (see the device kernel's ``attend_step``), the
+    history's fields and held length. 16-bit queries are rotated by one GEMM in their own dtype (R
+    rounded to it, float32 accumulation: the kernels read 16-bit rotated queries anyway). Only
+    devices whose kernel module has an ``attend_step`` (Triton on CUDA) get one; elsewhere
+    ``View.attend`` composes the history kernel with array ops.
     """
     if not _turboquant(codec_k, codec_v):
         return None
@@ -88,17 +90,51 @@ def attention_step(codec_k, codec_v, q, kv_heads: int):
     half = _half(ops, q.dtype)
     tables = _tables(kernel, qk, qv, half)
 
-    def run(dense, hist_k: dict, hist_v: dict, length: int, scale: float):
+    rot_k = qk.const("rot_t", q, f32 if half is None else half)
+    rot_v = qv.const("rot", q, f32)
+    centroids = {"k_centroids": qk.const("centroids", q, f32), "v_centroids": qv.const("centroids", q, f32)}
+
+    def run(q, dense, hist_k: dict, hist_v: dict, length: int, scale: float):
         q_rot = None
         if length:
-            q_rot = codec_k.query(ops.astype(q, f32))
-            q_rot = q_rot if half is None else ops.astype(q_rot, half)
+            q_rot = ops.matmul(q if half is not None else ops.astype(q, f32), rot_k)
         return step(q, scale, dense, q_rot=q_rot, length=length,
                     hist=(hist_k["codes"], hist_k["norms"], hist_v["codes"], hist_v["norms"]) if length else None,
-                    rot_v=qv.const("rot", q, f32) if length else None, bits_k=qk.bits, bits_v=qv.bits,
-                    k_centroids=qk.const("centroids", q, f32), v_centroids=qv.const("centroids", q, f32), **tables)
+                    rot_v=rot_v if length else None, bits_k=qk.bits, bits_v=qv.bits, **centroids, **tables)
 
     return run
+
+
+def encode_into(quantizer, x, codes, norms) -> bool:
+    """Encode ``x`` (B, H, t, D) with the device's fused kernel straight into ``codes`` (B, H, t, bytes)
+    and ``norms`` (B, H, t), views of a cache's buffers; False (nothing written) when the device has
+    no kernel or the views cannot be walked as rows of one stride (then the caller copies)."""
+    ops = for_array(x)
+    module = ops.encode_kernel(x)
+    if not _encodes(module, quantizer, x, ops):
+        return False
+    rows = x.shape[0] * x.shape[1] * x.shape[2]
+    try:  # one token per (batch, head) row of a contiguous buffer: rows of one stride, no copy
+        codes_rows, norms_rows = codes.view(rows, codes.shape[-1]), norms.view(rows)
+    except RuntimeError:
+        return False
+    _encode_rows(module, quantizer, ops.reshape(x, (rows, x.shape[-1])), codes_rows, norms_rows)
+    return True
+
+
+def _encodes(module, quantizer, x, ops) -> bool:
+    """Whether the fused encode kernel takes this quantizer and input."""
+    return (module is not None and quantizer.precision == "float32"
+            and ops.dtype_name(x.dtype) in ("float32", "float16", "bfloat16"))  # the kernel's inputs
+
+
+def _encode_rows(module, quantizer, rows, codes, norms) -> None:
+    sym = quantizer.derived("symmetric", lambda c: module.symmetric(quantizer.codebook.boundaries, c, quantizer.bits))
+    module.encode_into(rows, quantizer.const("rot_t", rows, for_array(rows).float32),
+                       quantizer.const("boundaries", rows, for_array(rows).float32),
+                       quantizer.const("centroids", rows, for_array(rows).float32), bits=quantizer.bits,
+                       norm_correction=quantizer.norm_correction, codes_out=codes, norms_out=norms,
+                       is_symmetric=sym)
 
 
 def encode(quantizer, x):
@@ -107,16 +143,11 @@ def encode(quantizer, x):
     ops up to float32 rounding at a boundary (parity-tested)."""
     ops = for_array(x)
     module = ops.encode_kernel(x)
-    if (module is None or quantizer.precision != "float32"
-            or ops.dtype_name(x.dtype) not in ("float32", "float16", "bfloat16")):  # the kernel's inputs
+    if not _encodes(module, quantizer, x, ops):
         return None
     lead, d = tuple(x.shape[:-1]), x.shape[-1]
     rows = ops.reshape(x, (-1, d))
     codes = ops.empty((rows.shape[0], quantizer.code_bytes), ops.uint8, x)
     norms = ops.empty((rows.shape[0],), ops.float16, x)
-    sym = quantizer.derived("symmetric", lambda c: module.symmetric(quantizer.codebook.boundaries, c, quantizer.bits))
-    module.encode_into(rows, quantizer.const("rot_t", x, ops.float32), quantizer.const("boundaries", x, ops.float32),
-                       quantizer.const("centroids", x, ops.float32), bits=quantizer.bits,
-                       norm_correction=quantizer.norm_correction, codes_out=codes, norms_out=norms,
-                       is_symmetric=sym)
+    _encode_rows(module, quantizer, rows, codes, norms)
     return ops.reshape(codes, lead + (quantizer.code_bytes,)), ops.reshape(norms, lead)

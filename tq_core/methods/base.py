@@ -24,6 +24,12 @@ class Codec:
     def decode(self, parts: dict, dtype=None):
         raise NotImplementedError
 
+    def encode_into(self, x, out: dict) -> bool:
+        """Encode ``x`` (B, H, t, dim) straight into ``out``'s views of the held buffers, {field: (B, H,
+        t, *trailing)}, where the device has a kernel that writes in place; False (nothing written)
+        when it does not, and the caller stores ``encode(x)`` instead."""
+        return False
+
     # ---- attention over what is held ---------------------------------------------------------
     def query(self, q):
         """``q`` (..., dim) in the space ``values_space`` returns vectors in."""

@@ -33,6 +33,9 @@ class TurboQuantCodec(Codec):
         enc = self.q.encode(x, check=False)
         return {"codes": enc.codes, "norms": enc.norms}
 
+    def encode_into(self, x, out: dict) -> bool:
+        return self.fused and kernels.encode_into(self.q, x, out["codes"], out["norms"])
+
     def decode(self, parts: dict, dtype=None):
         return self.q.decode_parts(parts["codes"], parts["norms"], dtype)
 
