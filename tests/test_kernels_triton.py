@@ -468,8 +468,9 @@ def test_attention_step_refuses_what_it_cannot_take():
 @pytest.mark.parametrize("batch,heads", [(1, 2), (2, 3)])
 def test_store_encodes_spilled_tokens_in_place(batch, heads, monkeypatch):
     """A one-token decode step encodes the token leaving the window straight into the history
-    buffers (``Codec.encode_into``): the held codes and norms are exactly what the fused encode gives
-    for the same tokens, and decode step by step equals a prefill of the same tokens."""
+    buffers, keys and values in one launch (``kernels.encode_pair_into``): the held codes and norms
+    are exactly what the fused encode gives for the same tokens, and decode step by step equals a
+    prefill of the same tokens (whose many rows per head are encoded kind by kind and copied)."""
     from tq_core import kernels
     from tq_core.config import CacheConfig
     from tq_core.kernels import triton as triton_pkg
@@ -479,8 +480,8 @@ def test_store_encodes_spilled_tokens_in_place(batch, heads, monkeypatch):
     if not CUDA:
         monkeypatch.setattr(torch_ops, "encode_kernel", lambda like: triton_pkg)
     used = []
-    real = kernels.encode_into
-    monkeypatch.setattr(kernels, "encode_into", lambda *a: used.append(real(*a)) or used[-1])
+    real = kernels.encode_pair_into
+    monkeypatch.setattr(kernels, "encode_pair_into", lambda *a: used.append(real(*a)) or used[-1])
     gen = torch.Generator().manual_seed(7 + batch)
     cfg = CacheConfig.parse("K4V2+s2w4")
     tokens = (torch.randn(batch, heads, 12, 64, generator=gen) * 3).to(torch.bfloat16).to(DEV)
@@ -494,6 +495,40 @@ def test_store_encodes_spilled_tokens_in_place(batch, heads, monkeypatch):
     for hist_s, hist_p in ((stepped.hist_k, prefilled.hist_k), (stepped.hist_v, prefilled.hist_v)):
         for name in ("codes", "norms"):
             torch.testing.assert_close(hist_s.parts()[name], hist_p.parts()[name], rtol=0, atol=0)
-    direct = kernels.encode(stepped.codec_k.q, tokens[:, :, 2:8])
-    torch.testing.assert_close(stepped.hist_k.parts()["codes"], direct[0], rtol=0, atol=0)
-    torch.testing.assert_close(stepped.hist_k.parts()["norms"], direct[1], rtol=0, atol=0)
+    for hist, codec in ((stepped.hist_k, stepped.codec_k), (stepped.hist_v, stepped.codec_v)):
+        direct = kernels.encode(codec.q, tokens[:, :, 2:8])
+        torch.testing.assert_close(hist.parts()["codes"], direct[0], rtol=0, atol=0)
+        torch.testing.assert_close(hist.parts()["norms"], direct[1], rtol=0, atol=0)
+        # ... and what the array-ops codec gives, up to float32 rounding next to a boundary
+        ref = codec.q.encode(tokens[:, :, 2:8], check=False)
+        same = (hist.parts()["codes"] == ref.codes).float().mean().item()
+        assert same > 0.99, same
+
+
+def test_encode_pair_into_equals_two_single_encodes():
+    """Keys and values in one launch (different bits, rotations and codebooks) write exactly what two
+    ``encode_into`` calls write, for rows of a strided buffer and several row blocks."""
+    from tq_core.kernels.triton import encode as enc
+
+    gen = torch.Generator().manual_seed(11)
+    n, d = 40, 64
+    x = (torch.randn(2 * n, d, generator=gen) * 2).to(DEV)
+    xk, xv = x[::2], x[1::2]  # row stride 2 * d
+    kinds, singles = [], []
+    for bits, seed in ((4, 1), (2, 2)):
+        c, b = _codebook_tensors(d, bits)
+        consts = {"rot_t": torch.tensor(np.ascontiguousarray(rotation.haar(d, seed).T), dtype=torch.float32, device=DEV),
+                  "boundaries": b, "centroids": c, "bits": bits, "symmetric": enc.symmetric(b, c, bits)}
+        codes = torch.zeros(n, packing.packed_size(d, bits), dtype=torch.uint8, device=DEV)
+        norms = torch.zeros(n, dtype=torch.float16, device=DEV)
+        kinds.append(dict(consts, codes=codes, norms=norms))
+        singles.append((consts, codes.clone(), norms.clone()))
+    enc.encode_pair_into(xk, xv, *kinds, norm_correction=True)
+    for (consts, codes, norms), xx, kind in zip(singles, (xk, xv), kinds):
+        enc.encode_into(xx, consts["rot_t"], consts["boundaries"], consts["centroids"], bits=consts["bits"],
+                        norm_correction=True, codes_out=codes, norms_out=norms, block_rows=16)
+        torch.testing.assert_close(kind["codes"], codes, rtol=0, atol=0)
+        torch.testing.assert_close(kind["norms"], norms, rtol=0, atol=0)
+        assert kind["norms"].abs().min() > 0
+    with pytest.raises(ValueError, match="codes must be"):
+        enc.encode_pair_into(xk, xv, kinds[0], dict(kinds[1], codes=kinds[1]["codes"][:, :3]), norm_correction=True)

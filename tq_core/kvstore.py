@@ -45,22 +45,19 @@ class History:
     def capacity(self) -> int:
         return 0 if self.buffers is None else next(iter(self.buffers.values())).shape[2]
 
-    def append(self, parts: dict) -> None:
-        first = next(iter(parts.values()))
-        t = first.shape[2]
-        if self.n + t > self.capacity:
-            self._grow(first, self.n + t)
-        for name, x in parts.items():
-            self.buffers[name][:, :, self.n:self.n + t] = x
-        self.n += t
-
-    def write(self, x) -> None:
-        """Encode ``x`` (B, H, t, D) and hold it after the tokens held: the codec writes into the
-        buffers where it can (``Codec.encode_into``: a fused kernel), else its fields are copied in."""
+    def slots(self, x) -> dict:
+        """Views of the buffers where ``x``'s (B, H, t, D) encoded tokens go next (grown if needed);
+        ``n`` moves on only when they are written (``write``, or a caller's fused encode and ``n += t``)."""
         t = x.shape[2]
         if self.n + t > self.capacity:
             self._grow(x, self.n + t)
-        views = {name: buf[:, :, self.n:self.n + t] for name, buf in self.buffers.items()}
+        return {name: buf[:, :, self.n:self.n + t] for name, buf in self.buffers.items()}
+
+    def write(self, x, views: dict | None = None) -> None:
+        """Encode ``x`` (B, H, t, D) and hold it after the tokens held: the codec writes into the
+        buffers where it can (``Codec.encode_into``: a fused kernel), else its fields are copied in."""
+        t = x.shape[2]
+        views = self.slots(x) if views is None else views
         if not self.codec.encode_into(x, views):
             for name, value in self.codec.encode(x).items():
                 self.buffers[name][:, :, self.n:self.n + t] = value  # (an MLX slice is a copy: write the buffer)
@@ -205,12 +202,22 @@ class LayerStore:
         win_v = _append(ops, self.win_v, v)
         spill = win_k.shape[2] - self.config.window
         if spill > 0:
-            self.hist_k.write(win_k[:, :, :spill])
-            self.hist_v.write(win_v[:, :, :spill])
+            self._hold(win_k[:, :, :spill], win_v[:, :, :spill])
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None
         self.win_k, self.win_v = win_k, win_v
+
+    def _hold(self, k, v) -> None:
+        """Encode tokens leaving the window into the history: keys and values in one fused launch
+        where the codecs and device have one (``kernels.encode_pair_into``), else each on its own."""
+        slots_k, slots_v = self.hist_k.slots(k), self.hist_v.slots(v)
+        if kernels.encode_pair_into(self.codec_k, self.codec_v, k, v, slots_k, slots_v):
+            self.hist_k.n += k.shape[2]
+            self.hist_v.n += v.shape[2]
+        else:
+            self.hist_k.write(k, slots_k)
+            self.hist_v.write(v, slots_v)
 
     def __getstate__(self):
         # The fused-call functions hold the constants they were made with: a copy makes its own.

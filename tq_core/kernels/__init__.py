@@ -122,6 +122,40 @@ def encode_into(quantizer, x, codes, norms) -> bool:
     return True
 
 
+def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
+    """Encode keys ``k`` and values ``v`` (B, H, t, D) of the same tokens in one fused launch straight
+    into their buffers' views (``out_k``/``out_v``: {"codes": (B, H, t, bytes), "norms": (B, H, t)});
+    False (nothing written) where that kernel does not apply (then each kind is encoded on its own)."""
+    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused):
+        return False
+    ops = for_array(k)
+    module = ops.encode_kernel(k)
+    qk, qv = codec_k.q, codec_v.q
+    if (getattr(module, "encode_pair_into", None) is None or not _encodes(module, qk, k, ops)
+            or not _encodes(module, qv, v, ops) or qk.norm_correction != qv.norm_correction
+            or tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype):
+        return False
+    rows = k.shape[0] * k.shape[1] * k.shape[2]
+    try:  # one token per (batch, head) row of a contiguous buffer: rows of one stride, no copy
+        kinds = [dict(_encode_args(module, q, k), codes=out["codes"].view(rows, out["codes"].shape[-1]),
+                      norms=out["norms"].view(rows)) for q, out in ((qk, out_k), (qv, out_v))]
+    except RuntimeError:
+        return False
+    d = k.shape[-1]
+    module.encode_pair_into(ops.reshape(k, (rows, d)), ops.reshape(v, (rows, d)), *kinds,
+                            norm_correction=qk.norm_correction)
+    return True
+
+
+def _encode_args(module, quantizer, like) -> dict:
+    """The constants the fused encode reads for ``quantizer`` on ``like``'s device."""
+    f32 = for_array(like).float32
+    return {"rot_t": quantizer.const("rot_t", like, f32), "boundaries": quantizer.const("boundaries", like, f32),
+            "centroids": quantizer.const("centroids", like, f32), "bits": quantizer.bits,
+            "symmetric": quantizer.derived("symmetric", lambda c: module.symmetric(
+                quantizer.codebook.boundaries, c, quantizer.bits))}
+
+
 def _encodes(module, quantizer, x, ops) -> bool:
     """Whether the fused encode kernel takes this quantizer and input."""
     return (module is not None and quantizer.precision == "float32"
@@ -129,12 +163,10 @@ def _encodes(module, quantizer, x, ops) -> bool:
 
 
 def _encode_rows(module, quantizer, rows, codes, norms) -> None:
-    sym = quantizer.derived("symmetric", lambda c: module.symmetric(quantizer.codebook.boundaries, c, quantizer.bits))
-    module.encode_into(rows, quantizer.const("rot_t", rows, for_array(rows).float32),
-                       quantizer.const("boundaries", rows, for_array(rows).float32),
-                       quantizer.const("centroids", rows, for_array(rows).float32), bits=quantizer.bits,
+    a = _encode_args(module, quantizer, rows)
+    module.encode_into(rows, a["rot_t"], a["boundaries"], a["centroids"], bits=quantizer.bits,
                        norm_correction=quantizer.norm_correction, codes_out=codes, norms_out=norms,
-                       is_symmetric=sym)
+                       is_symmetric=a["symmetric"])
 
 
 def encode(quantizer, x):

@@ -5,6 +5,7 @@
     attend_step(q, scale, dense, *, q_rot, hist, length, rot_v, ...) -> out      decode_step.py
     encode_into(x, rot_t, boundaries, centroids, *, bits, norm_correction, codes_out, norms_out)
                                                                          encode.py
+    encode_pair_into(xk, xv, k, v, *, norm_correction)  keys and values in one launch    encode.py
 
 Importing this package does not import triton or torch: the names above load their module on
 first use, so a machine without triton can import the package and ask ``available()`` -> (ok, reason).
@@ -16,12 +17,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-__all__ = ["attend_codes", "attend_step", "encode_into", "available", "INSTALL_HINT"]
+__all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = "triton not installed: pip install triton"
 
 _LAZY = {"attend_codes": "decode_attention", "byte_tables": "decode_attention", "attend_step": "decode_step",
-         "encode_into": "encode",
+         "encode_into": "encode", "encode_pair_into": "encode",
          "symmetric": "encode"}
 
 
