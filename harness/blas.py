@@ -53,7 +53,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ENV = "TQ_MLX_BLAS"
@@ -70,7 +69,6 @@ SHIM_PACKAGE = "scipy-openblas32"
 SHIM_PREFIX = "scipy_"  # scipy-openblas32 prefixes every exported BLAS symbol
 SHIM_FLAGS = ("-O2", "-fPIC", "-shared", "-fvisibility=hidden")
 _MAGIC = b"TQBLAS1\0"  # trailer: magic (8 bytes) + sha256 of everything before it (32 bytes)
-_TRAILER = len(_MAGIC) + 32
 
 # The CBLAS ABI of OpenBLAS built with 32-bit ints (scipy-openblas32): enum arguments are ints,
 # dimensions int; cgemm's alpha/beta point at complex floats. TQ_BLAS_LIB and TQ_BLAS_PREFIX are
@@ -197,26 +195,22 @@ def _shim_source(lib: str) -> str:
     return f"#define TQ_BLAS_LIB {_c_string(lib)}\n#define TQ_BLAS_PREFIX {_c_string(SHIM_PREFIX)}\n{SHIM_SOURCE}"
 
 
-def _digest_ok(data: bytes) -> bool:
-    return (len(data) > _TRAILER and data[-_TRAILER:-32] == _MAGIC
-            and hashlib.sha256(data[:-_TRAILER]).digest() == data[-32:])
-
-
 def _kernel_helpers():
-    """The CPU kernel's compiler search ($CC, cc, gcc, clang) and cache folder: one place for both."""
+    """The CPU kernel's build helpers (tq_core.kernels.cpu): one compiler search ($CC, cc, gcc,
+    clang), cache folder and atomic, digest-checked build for both."""
     try:
-        from tq_core.kernels.cpu import cache_dir, find_compiler
+        from tq_core.kernels import cpu
     except ImportError as exc:
         raise ShimError(f"tq_core.kernels.cpu does not import: {exc}") from None
-    return find_compiler, cache_dir
+    return cpu
 
 
 def _compiler() -> str | None:
-    return _kernel_helpers()[0]()
+    return _kernel_helpers().find_compiler()
 
 
 def _cache_dir() -> Path:
-    return _kernel_helpers()[1]()
+    return _kernel_helpers().cache_dir()
 
 
 def shim_path(lib: str) -> Path:
@@ -236,36 +230,19 @@ def shim_path(lib: str) -> Path:
                                      res.stdout.strip().encode()])).hexdigest()[:20]
     folder = _cache_dir()
     path = folder / f"cblas-shim-{key}.so"
-    try:
-        if _digest_ok(path.read_bytes()):
-            return path
-    except OSError:
-        pass
+    helpers = _kernel_helpers()
+    if helpers.cached(path, _MAGIC):
+        return path
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        # -x c -: the source comes on stdin; -ldl for glibc < 2.34 (a no-op stub library after).
+        ran, error = helpers.build_atomically(path, [cc, *SHIM_FLAGS, "-x", "c", "-", "-o", "{out}", "-ldl"],
+                                              magic=_MAGIC, input=source, timeout=120)
     except OSError as exc:
         raise ShimError(f"cannot write to the cache folder {folder}: {exc}") from None
-    try:
-        # -x c -: the source comes on stdin; -ldl for glibc < 2.34 (a no-op stub library after).
-        cmd = [cc, *SHIM_FLAGS, "-x", "c", "-", "-o", tmp, "-ldl"]
-        try:
-            res = subprocess.run(cmd, input=source, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ShimError(f"{' '.join(cmd)}: {exc}") from None
-        builds += 1
-        if res.returncode != 0:
-            raise ShimError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()[-300:]}")
-        data = Path(tmp).read_bytes()
-        with open(tmp, "ab") as f:
-            f.write(_MAGIC + hashlib.sha256(data).digest())
-        os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole new one
-    except OSError as exc:
-        raise ShimError(f"building the cblas shim in {folder} failed: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    builds += ran
+    if error is not None:
+        raise ShimError(error)
     return path
 
 

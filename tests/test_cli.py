@@ -257,3 +257,15 @@ def test_cli_info_reports_an_unusable_mlx(tmp_path):
     line = next(x for x in lines[lines.index("backends:"):] if x.startswith("  mlx "))
     assert "unusable: ImportError: libmlx.so: cannot open shared object file" in line, line
     assert re.search(r"^  torch  cpu", r.stdout, re.M) and "codebooks:" in r.stdout
+
+
+def test_cli_report_options_are_the_sites(tmp_path):
+    """``tq report`` takes exactly ``python -m reports.site``'s options (declared once, in reports/site.py):
+    its help lists them, and a bad value is one usage line."""
+    helped = tq("report", "--help")
+    assert helped.returncode == 0
+    for option in ("--results", "--out", "--kld-regress", "--speed-regress", "--dppl-regress", "--noise-k", "--se-k"):
+        assert option in helped.stdout
+    bad = tq("report", "--kld-regress", "lots")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "--kld-regress" in bad.stderr

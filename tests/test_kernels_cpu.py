@@ -303,7 +303,7 @@ def test_parallel_first_uses_are_safe(tmp_path):
     assert len(paths) == 1
     files = list((tmp_path / "kernels").iterdir())
     assert [f.name for f in files] == [Path(paths.pop()).name], "temporary files left behind"
-    assert cpu._digest_ok(files[0].read_bytes())
+    assert cpu.cached(files[0])
 
 
 @pytest.mark.parametrize("case", ["no-compiler", "build-fails", "disabled"])

@@ -254,17 +254,20 @@ def cmd_report(args) -> int:
     checkout = pathlib.Path(__file__).resolve().parents[1]  # a source checkout has reports/ beside tq_core/
     if (checkout / "reports" / "site.py").is_file() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
+    try:
+        from reports import site
+    except ImportError as e:
+        raise ImportError(f"tq report needs the repository's reports/ package and pip install 'tq-core[report]' "
+                          f"({e})") from None
+    p = _Parser(prog="tq report", description="static site from the results folder: latest status, trends, regressions")
+    site.add_arguments(p)
+    args = p.parse_args(args.report_args)
     if args.out is not None and pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file: give a folder for the site (new, empty or "
                                  f"written by tq report before)")
     if args.results is not None and pathlib.Path(args.results).exists() and not pathlib.Path(args.results).is_dir():
         raise NotADirectoryError(f"--results {args.results} is a file: give the results folder "
                                  f"(reports/results, with one subfolder per target)")
-    try:
-        from reports import site
-    except ImportError as e:
-        raise ImportError(f"tq report needs the repository's reports/ package and pip install 'tq-core[report]' "
-                          f"({e})") from None
     return site.run(args)  # FileExistsError, a bad --kld-regress, ...: main prints one line
 
 
@@ -288,24 +291,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", default="torch", help="torch or mlx")
         s.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:N or mps")
         s.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens, >= 1 (default 48)")
-    r = sub.add_parser("report", help="static site from the results folder: latest status, trends, regressions")
-    r.add_argument("--results", default=None, help="results folder (default: $TQ_RESULTS_DIR or reports/results)")
-    r.add_argument("--out", default=None, help="site folder (default: reports/site)")
-    r.add_argument("--kld-regress", type=float, default=0.10,
-                   help="minimum effect: mean KLD up by more than this fraction (default 0.10)")
-    r.add_argument("--speed-regress", type=float, default=0.05,
-                   help="minimum effect: throughput down by more than this fraction (default 0.05)")
-    r.add_argument("--dppl-regress", type=float, default=0.5,
-                   help="minimum effect: ΔPPL up by more than this many percentage points (default 0.5)")
-    r.add_argument("--noise-k", type=float, default=3.0,
-                   help="flag only changes beyond this many times the noise of earlier commits' runs (default 3)")
-    r.add_argument("--se-k", type=float, default=2.0,
-                   help="with too few earlier runs, this many times the recorded standard error instead (default 2)")
+    # tq report's options are reports/site.py's own (add_arguments): parsed there, declared once.
+    sub.add_parser("report", add_help=False, help="static site from the results folder: latest status, trends, "
+                                                  "regressions (tq report --help for its options)")
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "report":
+        args.report_args = rest  # reports/site.py parses them
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare, "report": cmd_report}[args.command]
     try:
         return handler(args)

@@ -41,7 +41,6 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 ARCH_NATIVE = "native"
 ABI = 4  # tq_abi() of attend.c
 _MAGIC = b"TQKSHA2\0"  # trailer: magic (8 bytes) + sha256 of everything before it (32 bytes)
-_TRAILER = len(_MAGIC) + 32
 _ARGS = struct.Struct("=25q9Q")  # tq_attend_codes' argument block: 25 sizes/strides, 9 addresses
 
 _lock = threading.Lock()
@@ -104,9 +103,40 @@ def _flag_sets(arch: str, openmp: bool = True) -> list[tuple[str, ...]]:
     return [FLAGS + a + o for a in archs for o in omp]
 
 
-def _digest_ok(data: bytes) -> bool:
-    return (len(data) > _TRAILER and data[-_TRAILER:-32] == _MAGIC
-            and hashlib.sha256(data[:-_TRAILER]).digest() == data[-32:])
+def cached(path: Path, magic: bytes = _MAGIC) -> bool:
+    """Whether ``path`` is a whole build: its trailer (``magic`` + sha256 of the rest) checks out."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    n = len(magic) + 32
+    return len(data) > n and data[-n:-32] == magic and hashlib.sha256(data[:-n]).digest() == data[-32:]
+
+
+def build_atomically(path: Path, cmd: list, *, magic: bytes = _MAGIC, input: str | None = None,
+                     timeout: int = 300) -> tuple[bool, str | None]:
+    """Compile with ``cmd`` (the item ``"{out}"`` stands for the output file) into a temporary file
+    beside ``path``, append the trailer ``cached`` checks and rename it into place (a concurrent
+    reader sees no file or the whole build). Returns (whether the compiler ran, the error or None).
+    Raises OSError when the folder cannot be written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        full = [tmp if c == "{out}" else c for c in cmd]
+        try:
+            res = subprocess.run(full, input=input, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"{' '.join(full)}: {exc}"
+        if res.returncode != 0:
+            return True, f"{' '.join(full)} exited with {res.returncode}: {res.stderr.strip()[-400:]}"
+        data = Path(tmp).read_bytes()
+        with open(tmp, "ab") as f:
+            f.write(magic + hashlib.sha256(data).digest())
+        os.replace(tmp, path)
+        return True, None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def library_path(arch: str = ARCH_NATIVE, cc: str | None = None, openmp: bool = True) -> Path:
@@ -129,38 +159,19 @@ def library_path(arch: str = ARCH_NATIVE, cc: str | None = None, openmp: bool = 
                                          cpu_id.encode()])).hexdigest()[:20]
         candidates.append((flags, folder / f"attend-{key}.so"))
     for _, path in candidates:  # any valid cached build first: a failed flag set is not retried per process
-        try:
-            if _digest_ok(path.read_bytes()):
-                return path
-        except OSError:
-            pass
+        if cached(path):
+            return path
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BuildError(f"cannot create the kernel cache folder {folder}: {exc}") from exc
     errors = []
     for flags, path in candidates:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(f"{' '.join(cmd)}: {exc}")
-                continue
-            builds += 1
-            if res.returncode != 0:
-                errors.append(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()[-400:]}")
-                continue
-            data = Path(tmp).read_bytes()
-            with open(tmp, "ab") as f:
-                f.write(_MAGIC + hashlib.sha256(data).digest())
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        ran, error = build_atomically(path, [cc, *flags, str(SOURCE), "-o", "{out}", "-lm"])
+        builds += ran
+        if error is None:
             return path
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        errors.append(error)
     raise BuildError("compiling the CPU attention kernel failed: " + " | ".join(errors))
 
 
