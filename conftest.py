@@ -1,7 +1,7 @@
 """Harness wiring: options, parametrization from the registries, seeding, shared fixtures.
 
 Options:
-  --tq-target   auto | comma list of torch-cpu, torch-cuda, mlx   (default auto)
+  --tq-target   auto | comma list of torch-cpu, torch-cuda, mlx, llama-cpp   (default auto)
   --tq-tier     default | nightly                                 (default default)
   --tq-config   a config label, e.g. K3V4+s0w0 (repeatable)        (default: the tier's matrix)
   --tq-method   the matrix through another KV method, e.g. uniform or uniform+g=32
@@ -16,6 +16,7 @@ the corpus, the run's provenance, loaded models and captures. Nothing is kept in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from fixtures import models as model_registry
 from fixtures import targets
 from fixtures import text as corpus_registry
 from harness import blas, hosts, identity
+from harness.hosts import peer_method
+from tq_core import methods
+from tq_core.methods.peer import NO_CODEC
 
 pytest_plugins = ["reports.collect"]
 
@@ -50,7 +54,7 @@ HARNESS = pytest.StashKey[Harness]()
 
 def pytest_addoption(parser):
     g = parser.getgroup("tq", "TurboQuant harness")
-    g.addoption("--tq-target", default="auto", help="auto, or a comma list of torch-cpu, torch-cuda, mlx")
+    g.addoption("--tq-target", default="auto", help="auto, or a comma list of torch-cpu, torch-cuda, mlx, llama-cpp")
     g.addoption("--tq-tier", default="default", choices=["default", "nightly"], help="default or nightly")
     g.addoption("--tq-config", action="append", default=None, metavar="LABEL",
                 help="run this cache config instead of the tier's matrix, e.g. K3V4+s0w0 (repeatable)")
@@ -85,6 +89,8 @@ def pytest_configure(config):
         "skipped_backends": reasons,
         "tier": config.getoption("--tq-tier"),
         "configs": [c.label for c in matrix],
+        # configs of other projects' caches: measured and reported, never gated (reports.summary)
+        "peers": [c.label for c in matrix if methods.get(c.method).peer],
         "seed": SEED,
         "corpus": {"source": corpus.source, "sha256": corpus.sha256, "chars": len(corpus.text)},
         # The model's id (``harness.identity.model_id``: what records label ``model`` and what
@@ -136,6 +142,50 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_speed)
         elif not nightly and "nightly" in item.keywords:
             item.add_marker(skip_nightly)
+        reason = _where_config_runs(config, item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _where_config_runs(config, item) -> str | None:
+    """Why ``item`` cannot measure its cache config: the config's method does not run in the
+    backend's host library, or a library it needs is missing (``fixtures.configs.runs_on``); or the
+    test measures a codec (marker ``codec``) and the config is a peer's cache, which has none. The
+    config is the item's ``cache_config``, else the run's first (``headline``) when it uses that."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    cache_config = params.get("cache_config")
+    if cache_config is None and "headline" in getattr(item, "fixturenames", ()):
+        cache_config = config.stash[HARNESS].matrix[0]
+    if cache_config is None:
+        return None
+    if "codec" in item.keywords and peer_method(cache_config) is not None:
+        return NO_CODEC
+    backend = params.get("backend")
+    if backend in hosts.LIBS:
+        return config_registry.runs_on(cache_config, hosts.LIBS[backend])
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _skip_unsupported():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _skip_unsupported():
+        return (yield)
+
+
+@contextlib.contextmanager
+def _skip_unsupported():
+    """A test (or a fixture of it) that needs what its backend's host cannot do (``hosts.Unsupported``,
+    e.g. K/V capture or TurboQuant codecs in llama.cpp) is skipped with the host's own reason."""
+    try:
+        yield
+    except (hosts.Unsupported, methods.Unsupported) as e:  # the latter: a method's cache for this model
+        pytest.skip(str(e))
 
 
 @pytest.fixture(autouse=True)

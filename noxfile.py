@@ -6,6 +6,7 @@
     nox -s cuda     the suites on torch CUDA            -> reports/cuda/index.html
     nox -s metal    the suites on MLX / Apple silicon   -> reports/metal/index.html
     nox -s mlx      the suites on MLX on CPU (Linux CI) -> reports/mlx/index.html
+    nox -s peers    TurboQuant beside transformers', mlx-lm's and llama.cpp's quantized caches (CPU, nightly)
     nox -s report   the nightly site from reports/results/ -> reports/site/index.html
     nox -s selftest planted defects (harness/selftest.py): every one must make a suite fail (~5 min, CPU)
 
@@ -54,13 +55,15 @@ def _env() -> dict:
     return {"PYTHONUNBUFFERED": "1"}
 
 
-def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU, pins: tuple = ()) -> None:
-    """``pins`` constrain every install of the session (pip's PIP_CONSTRAINT), so nothing upgrades them."""
-    env = None
+def install(session: nox.Session, *extras: str, torch_pin: str | None = TORCH_CPU, pins: tuple = (),
+            env: dict | None = None) -> None:
+    """``pins`` constrain every install of the session (pip's PIP_CONSTRAINT), so nothing upgrades them;
+    ``env``: extra environment of the installs (e.g. a source build's CMAKE_ARGS)."""
+    env = dict(env) if env else None
     if pins:
         constraints = pathlib.Path(session.create_tmp()) / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n")
-        env = {"PIP_CONSTRAINT": str(constraints)}
+        env = {**(env or {}), "PIP_CONSTRAINT": str(constraints)}
         session.install(*pins, env=env)
     if torch_pin:
         session.install(torch_pin, env=env)
@@ -74,14 +77,15 @@ def require(session: nox.Session, name: str) -> None:
                       f"({'an NVIDIA GPU with nvidia-smi' if name == 'cuda' else 'Apple silicon'} is needed)")
 
 
-def run_suites(session: nox.Session, target: str, backends: str) -> None:
-    """Run the suites for one hardware target, then render its report."""
+def run_suites(session: nox.Session, target: str, backends: str, suites: tuple = ("suites",),
+               options: tuple = ()) -> None:
+    """Run the suites (``suites``: paths) for one hardware target, then render its report."""
     failed = None
     try:
         # Ctrl-C: nox passes SIGINT on and, by default, kills pytest 0.5 s later, before pytest can
         # end its session and write the results file; give it time (a SIGKILL still leaves the
         # streamed measurements, which the next reader recovers as an incomplete run).
-        session.run("pytest", "suites", f"--tq-target={backends}", *session.posargs,
+        session.run("pytest", *suites, f"--tq-target={backends}", *options, *session.posargs,
                     env={**_env(), "TQ_RESULTS_TARGET": target}, interrupt_timeout=120, terminate_timeout=30)
     except CommandFailed as e:  # a gate failed: still render, the report shows which one in red
         failed = e
@@ -114,6 +118,25 @@ def cpu(session: nox.Session) -> None:
     install(session, "torch", MLX_EXTRA, "dev", "report")
     # On a Mac, MLX runs on the GPU: it belongs to the metal session, not this one.
     run_suites(session, "cpu", "torch-cpu" if sys.platform == "darwin" else "torch-cpu,mlx")
+
+
+# The suites that measure a cache through the model: the ones a peer's cache takes part in.
+PEER_SUITES = ("suites/test_perplexity.py", "suites/test_generation.py", "suites/test_needle.py",
+               "suites/test_memory.py")
+# llama-cpp-python builds llama.cpp from source on install: the library only (~6.5 min on 2 cores).
+LLAMA_CPP_BUILD = {"CMAKE_ARGS": "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF "
+                                 "-DLLAMA_BUILD_SERVER=OFF"}
+
+
+@nox.session
+def peers(session: nox.Session) -> None:
+    """TurboQuant beside the peers on CPU, nightly tier, through the model (perplexity + KLD, generation,
+    needle, memory): transformers' QuantizedCache (optimum-quanto, HQQ), mlx-lm's QuantizedKVCache and
+    llama.cpp's cache types (llama-cpp-python) -> reports/cpu/index.html with the quality-per-bit
+    frontier. ``nox -s peers -- --tq-model path/to/model.gguf`` measures another model."""
+    install(session, "torch", MLX_EXTRA, "dev", "report", "peers", env=LLAMA_CPP_BUILD)
+    backends = "torch-cpu,llama-cpp" if sys.platform == "darwin" else "torch-cpu,mlx,llama-cpp"
+    run_suites(session, "cpu", backends, suites=PEER_SUITES, options=("--tq-tier=nightly",))
 
 
 @nox.session

@@ -114,6 +114,12 @@ def fork_point(config: CacheConfig | None, protocol: Protocol, tokens: int | Non
     """
     if config is None or protocol.mode != "cache":
         return 0
+    from tq_core import methods
+
+    if methods.get(config.method).peer:
+        # Another project's cache quantizes on its own schedule (transformers' QuantizedCache quantizes
+        # all of its first call, mlx-lm's from the first token): no position is the baseline's.
+        return 0
     fed = (protocol.tokens if tokens is None else tokens) - 1
     f = min(config.sinks + config.window, fed)
     return (f // protocol.chunk) * protocol.chunk
@@ -138,13 +144,18 @@ def held_bytes(host, cache) -> dict:
     library's own layers, the whole baseline cache included), their ``total``, the ``tokens`` held,
     ``channels`` (K plus V channels per token, summed over layers and KV heads) and
     ``bits_per_channel`` = total * 8 / (tokens * channels). mlx-lm's own ``KVCache`` allocates in
-    steps of 256 tokens; its bytes are the allocation (what is held).
+    steps of 256 tokens; its bytes are the allocation (what is held). A peer's cache (another
+    project's: ``codes``, ``scales``, ``zeros``, ``residual``, from its own tensors) also gives
+    ``encoded``, the tokens it holds quantized.
     """
     held = host.held_bytes(cache)
     parts, tokens, channels = held["parts"], held["tokens"], held["channels"]
     total = sum(parts.values())
     bpc = total * 8 / (tokens * channels) if tokens and channels else float("nan")
-    return {**parts, "total": total, "tokens": tokens, "channels": channels, "bits_per_channel": bpc}
+    out = {**parts, "total": total, "tokens": tokens, "channels": channels, "bits_per_channel": bpc}
+    if "encoded" in held:  # a peer's cache: tokens it holds quantized, counted from its tensors
+        out["encoded"] = held["encoded"]
+    return out
 
 
 def perplexity(lp: np.ndarray, ids) -> dict:

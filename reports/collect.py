@@ -205,7 +205,8 @@ def provenance(config) -> dict:
         "commit": os.environ.get("TQ_COMMIT") or _git("rev-parse", "HEAD"),
         "commit_time": _git("show", "-s", "--format=%cI", "HEAD"),
         "dirty": None if dirty is None else bool(dirty),
-        "versions": {d: _version(d) for d in ("tq-core", "numpy", "torch", "transformers", "mlx", "mlx-lm")},
+        "versions": {d: _version(d) for d in ("tq-core", "numpy", "torch", "transformers", "mlx", "mlx-lm",
+                                                 "llama-cpp-python")},
         "machine": machine_info(),
     }
     run.update(config.stash.get(RUN_INFO, {}))

@@ -32,7 +32,9 @@ from .runs import Run
 from .tables import show
 
 DEFAULT_METHOD = "turboquant"  # the method of a label without "<method>:" (tq_core.config's grammar)
-METHOD_NAMES = {DEFAULT_METHOD: "TurboQuant"}
+# Display names; a method not listed shows its label prefix. Peers (tq_core.methods): other projects' caches.
+METHOD_NAMES = {DEFAULT_METHOD: "TurboQuant", "quanto": "transformers quanto", "hqq": "transformers HQQ",
+                "mlxkv": "mlx-lm QuantizedKVCache"}
 FRONT_COLOR = "#777777"
 # the table's value columns: (headline key, title); the bits titles get the measured context
 COLUMNS = (("bits", "Bits held"), ("bits4k", "Bits at 4k (projected)"), ("bits32k", "Bits at 32k (projected)"),

@@ -184,6 +184,10 @@ _add("bits_per_channel_codes", "bit", "lower", "bits per channel of the encoded 
 for _part, _what in (("codes", "packed codes"), ("norms", "stored norms"), ("sinks", "full-precision attention sinks"),
                      ("window", "full-precision recent window"), ("other", "any other part of the compressed layers")):
     _add(f"bytes_{_part}", "B", "lower", f"bytes the compressed cache holds in its {_what}")
+for _part, _what in (("scales", "quantization scales (a peer's cache)"),
+                     ("zeros", "quantization zero points, shifts or biases (a peer's cache)"),
+                     ("residual", "full-precision residual window not yet quantized (a peer's cache)")):
+    _add(f"bytes_{_part}", "B", "lower", f"bytes the cache holds in its {_what}")
 _add("bytes_spare", "B", "lower", "bytes of history capacity the compressed cache has allocated but not yet filled")
 _add("bytes_uncompressed", "B", "none", "bytes held in layers the cache keeps uncompressed (sliding-window, linear "
                                        "attention)")

@@ -13,7 +13,8 @@ the sinks and window are a fixed cost, codes and norms grow per encoded token.
 
 Gates: a suite's gate for a config is FAIL when one of its tests failed, UNCALIBRATED when the
 suite recorded ``gate_calibrated`` = 0 for it (only the model-independent checks ran: no measured
-band exists for that config, protocol and model), else PASS.
+band exists for that config, protocol and model), MEASURED for another project's cache (the run's
+``peers``: measured beside TurboQuant, never gated), else PASS.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _test_configs(run: Run) -> dict[str, set]:
 
 
 def gate_status(run: Run) -> dict[tuple, str]:
-    """(suite, config, backend) -> PASS | FAIL | UNCALIBRATED for every config a suite gated or tested.
+    """(suite, config, backend) -> PASS | FAIL | UNCALIBRATED | MEASURED for every config a suite gated
+    or tested (MEASURED: a peer's config, ``run["peers"]``).
 
     UNCALIBRATED: a ``gate_calibrated`` = 0 record of that suite and config (and no failed test);
     config None: a gate not keyed by config (e.g. the norm-correction check). In a run that did not
@@ -143,7 +145,10 @@ def gate_status(run: Run) -> dict[tuple, str]:
             out.setdefault(key, "PASS")
     if run.run.get("incomplete"):
         out = {k: "INCOMPLETE" if v == "PASS" else v for k, v in out.items()}
-    return out
+    # Other projects' caches (the run's ``peers``) are measured, never gated: what their tests passed
+    # is that a measurement was made, not a quality gate (a failed test still reads FAIL).
+    peers = set(run.run.get("peers") or ())
+    return {k: "MEASURED" if k[1] in peers and v != "FAIL" else v for k, v in out.items()}
 
 
 def gates(run: Run) -> dict:
@@ -302,14 +307,17 @@ def projected_bits(recs: list[dict], bits: dict, tokens: int) -> float | None:
     records do not state, then stay fixed: no honest projection)."""
     same = {r["metric"]: r["value"] for r in recs if r["test"] == bits["test"] and r["suite"] == bits["suite"]
             and all(show(r.get(k)) == show(bits.get(k)) for k in ("config", "backend", "model", "tokens", "chunk"))}
-    need = ("bytes_codes", "bytes_norms", "tokens_held", "tokens_encoded")
+    need = ("bytes_codes", "tokens_held", "tokens_encoded")
     if any(k not in same for k in need) or not same["tokens_encoded"] or not same["tokens_held"]:
         return None
     if same.get("bytes_uncompressed", 0.0) > 0:
         return None
-    fixed = sum(same.get(f"bytes_{p}", 0.0) for p in ("sinks", "window", "other"))
-    per_token = (same["bytes_codes"] + same["bytes_norms"]) / same["tokens_encoded"]
-    held = same.get("bytes_held", fixed + same["bytes_codes"] + same["bytes_norms"])
+    # Fixed: sinks, window, a peer's residual window (at most its length); per encoded token: codes and
+    # what rides with them (TurboQuant's norms, a peer's scales and zero points).
+    fixed = sum(same.get(f"bytes_{p}", 0.0) for p in ("sinks", "window", "other", "residual"))
+    encoded = sum(same.get(f"bytes_{p}", 0.0) for p in ("codes", "norms", "scales", "zeros"))
+    per_token = encoded / same["tokens_encoded"]
+    held = same.get("bytes_held", fixed + encoded)
     n_fixed = same["tokens_held"] - same["tokens_encoded"]
     if tokens < n_fixed or held <= 0:
         return None

@@ -19,6 +19,11 @@ Two kinds of check:
 
 Gates are two-sided where a result can be too good to be true: a K4/V2 cache whose KLD is at the
 noise floor is not compressing.
+
+Peers (other projects' caches, ``tq_core.methods``: ``Method.peer``) are measured only: a check
+given a peer's label runs no band and no model-independent quality check (finite numbers only)
+and returns ``MEASURED``; the suites record no ``gate_calibrated`` for it, and the report shows
+the config as measured, neither passed nor uncalibrated.
 """
 
 from __future__ import annotations
@@ -39,6 +44,18 @@ CALIBRATION_DIR = pathlib.Path(__file__).resolve().parent / "calibration"
 # models, or a test's temporary tables.
 CALIBRATION_ENV = "TQ_CALIBRATION_DIR"
 SECTIONS = ("perplexity", "attention", "real_mse", "generation", "needle")
+MEASURED = "measured"  # what a check returns for a peer's config: recorded, never gated
+
+
+def measured_only(label) -> bool:
+    """Whether ``label`` (a config label or ``CacheConfig``) names a peer's cache: measured, never gated."""
+    from tq_core import CacheConfig, methods
+
+    try:
+        config = label if isinstance(label, CacheConfig) else CacheConfig.parse(str(label))
+    except ValueError:  # "baseline", a label of an older grammar: not a peer's
+        return False
+    return methods.get(config.method).peer
 
 
 # ==== per-model tables ==============================================================================
@@ -163,7 +180,10 @@ MEMORY_RATIO_HEAD_DIMS = (64, 128)
 
 def check_memory(config, ratio: float, context: int, head_dim: int | None = None,
                  all_compressed: bool = True) -> str:
-    """"calibrated" when the band of ``config`` applies to this geometry (and holds), else "uncalibrated"."""
+    """"calibrated" when the band of ``config`` applies to this geometry (and holds), else "uncalibrated"
+    (``MEASURED`` for a peer's config)."""
+    if measured_only(config):
+        return MEASURED
     band = MEMORY_RATIO.get(config.label)
     if band is None or not all_compressed or (head_dim is not None and head_dim not in MEMORY_RATIO_HEAD_DIMS):
         return "uncalibrated"
@@ -381,8 +401,11 @@ PLAIN_K4V2_FULL_MATCH_MAX = 1 / 3  # fraction of prompts reproduced exactly
 
 
 def check_generation(label: str, tier: str, mean_rate: float, rates, model, backend: str | None = None) -> str:
-    """"calibrated" when the model's table has a floor for (tier, config, backend), else "uncalibrated"."""
+    """"calibrated" when the model's table has a floor for (tier, config, backend), else "uncalibrated"
+    (``MEASURED`` for a peer's config)."""
     assert all(0.0 <= r <= 1.0 for r in rates), f"{label}: match rates outside 0..1: {rates}"
+    if measured_only(label):
+        return MEASURED
     row = _row(model, "generation", tier=tier, config=label, backend=backend)
     if row is None:
         return "uncalibrated"
@@ -422,11 +445,14 @@ def check_needle(tier: str, retrieved: dict, cases: int, labels: list[str], mode
     """Keys lost vs the baseline within the model's limit for every config of the run that has one.
 
     Fails closed: a config of the run with a limit but no measurement fails. Returns
-    {label: "calibrated" | "uncalibrated"}."""
+    {label: "calibrated" | "uncalibrated" | ``MEASURED`` (a peer's config)}."""
     base = retrieved["baseline"]
     assert all(0 <= n <= cases for n in retrieved.values()), f"needle: retrieved counts outside 0..{cases}: {retrieved}"
     status, over = {}, {}
     for label in labels:
+        if measured_only(label):
+            status[label] = MEASURED
+            continue
         row = _row(model, "needle", tier=tier, config=label, backend=backend)
         status[label] = "uncalibrated" if row is None else "calibrated"
         if row is None:
@@ -462,12 +488,14 @@ def check_perplexity(label: str, cmp: dict, chunk: int = 1, backend: str | None 
     Model-independent, always: finite numbers, and the scoring read the codes (KLD above the noise
     floor). Against the model's measured band when its table has one for (config, positions, chunk,
     mode, backend) ("calibrated"); else "uncalibrated" is returned and recorded by the suite, never a
-    silent pass.
+    silent pass. A peer's config: finite numbers only, ``MEASURED``.
     """
     where = f"{label} ({cmp['tokens']} positions, chunk {chunk}, {mode}, {backend or 'backend?'})"
     kld, dppl, top1 = cmp["kld_mean"], cmp["dppl_pct"], cmp["same_top1_pct"]
     assert all(_math.isfinite(v) for v in (kld, dppl, top1, cmp["ppl"], cmp["ppl_base"])), (
         f"{where}: non-finite result (KLD {kld}, ΔPPL {dppl}, PPL {cmp['ppl']} vs {cmp['ppl_base']})")
+    if measured_only(label):
+        return MEASURED  # a peer's cache: not held to TurboQuant's floors or bands
     assert kld >= PPL_KLD_READS_CODES, (
         f"{where}: mean KLD {kld:.3g} is at the noise floor (< {PPL_KLD_READS_CODES:g}): the scoring did not "
         "read the compressed history")
@@ -493,12 +521,30 @@ DECODE_NOISE_KLD_MAX = 1e-7
 DECODE_NOISE_DPPL_PCT_MAX = 0.01
 
 
-def check_decode_noise_floor(cmp: dict) -> None:
-    assert cmp["kld_mean"] <= DECODE_NOISE_KLD_MAX, (
-        f"decode vs one pass: KLD {cmp['kld_mean']:.3g} > {DECODE_NOISE_KLD_MAX:g} (the uncompressed cache "
+# llama.cpp (the llama-cpp backend, host library "llama.cpp") is another computation, not another
+# rounding: it runs the GGUF's weights as stored (Q4_1 for the default model) with activations
+# quantized to 8 bits in those matmuls and K/V in f16, where torch and mlx run the weights
+# dequantized to float32; and it attends a batch of >= 64 queries over an f16 cache with another
+# kernel than fewer (ggml-cpu's tiled flash attention, queries in float32, vs queries rounded to
+# f16; chunks of up to 63 tokens reproduce decode bit for bit). Measured (SmolLM2-135M, 1024 tokens,
+# llama-cpp-python 0.3.36, one thread): decode vs one pass KLD 0.0036 ± 0.0001, ΔPPL -0.25 ± 0.29 %,
+# same top-1 97.4 %; one pass vs torch-cpu KLD 0.0030 ± 0.0001, ΔPPL +0.36 ± 0.26 %, same top-1
+# 97.0 %. Its floors are two-sided bands around those (a KLD near 0 vs torch-cpu would mean llama.cpp
+# did not run), keyed by the host library.
+LIB_FLOORS = {"llama.cpp": {"decode_kld": (1e-3, 0.01), "decode_dppl_pct": 1.5,
+                            "cross_kld": (1e-3, 0.01), "cross_ppl_tol": 0.015}}
+
+
+def check_decode_noise_floor(cmp: dict, lib: str | None = None) -> None:
+    """``lib``: the backend's host library (``host.lib``); one in ``LIB_FLOORS`` has a band of its own."""
+    floor = LIB_FLOORS.get(lib, {})
+    lo, hi = floor.get("decode_kld", (0.0, DECODE_NOISE_KLD_MAX))
+    dppl_max = floor.get("decode_dppl_pct", DECODE_NOISE_DPPL_PCT_MAX)
+    assert lo <= cmp["kld_mean"] <= hi, (
+        f"decode vs one pass: KLD {cmp['kld_mean']:.3g} outside {lo:g}..{hi:g} (the uncompressed cache "
         "changes the result when fed token by token)")
-    assert abs(cmp["dppl_pct"]) <= DECODE_NOISE_DPPL_PCT_MAX, (
-        f"decode vs one pass: ΔPPL {cmp['dppl_pct']:+.4f} % beyond ±{DECODE_NOISE_DPPL_PCT_MAX} %")
+    assert abs(cmp["dppl_pct"]) <= dppl_max, (
+        f"decode vs one pass: ΔPPL {cmp['dppl_pct']:+.4f} % beyond ±{dppl_max} %")
 
 
 # Baseline PPL of another backend vs torch-cpu, one forward pass, same ids (the brief: 0.5 %).
@@ -509,11 +555,12 @@ CROSS_BACKEND_PPL_TOL = 0.005
 CROSS_BACKEND_KLD_MAX = 1e-6
 
 
-def check_cross_backend(ppl_torch: float, ppl_mlx: float) -> None:
+def check_cross_backend(ppl_torch: float, ppl_mlx: float, lib: str | None = None) -> None:
+    tol = LIB_FLOORS.get(lib, {}).get("cross_ppl_tol", CROSS_BACKEND_PPL_TOL)
     rel = ppl_mlx / ppl_torch - 1
-    assert abs(rel) <= CROSS_BACKEND_PPL_TOL, (
-        f"baseline PPL {ppl_mlx:.4f} vs torch-cpu {ppl_torch:.4f}: {rel:+.3%} beyond ±{CROSS_BACKEND_PPL_TOL:.1%}")
+    assert abs(rel) <= tol, f"baseline PPL {ppl_mlx:.4f} vs torch-cpu {ppl_torch:.4f}: {rel:+.3%} beyond ±{tol:.1%}"
 
 
-def check_cross_backend_kld(kld: float) -> None:
-    assert kld <= CROSS_BACKEND_KLD_MAX, f"baseline KLD vs torch-cpu {kld:.3g} > {CROSS_BACKEND_KLD_MAX:g}"
+def check_cross_backend_kld(kld: float, lib: str | None = None) -> None:
+    lo, hi = LIB_FLOORS.get(lib, {}).get("cross_kld", (0.0, CROSS_BACKEND_KLD_MAX))
+    assert lo <= kld <= hi, f"baseline KLD vs torch-cpu {kld:.3g} outside {lo:g}..{hi:g}"

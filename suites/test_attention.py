@@ -242,6 +242,7 @@ def model_labels(spec, cap) -> dict:
 
 
 @pytest.mark.model
+@pytest.mark.codec  # a peer's cache (no codec, no layer stores) skips: see conftest
 def test_attention_per_layer(host, cache_config, captured_qkv, baselines, real_spec, model_info, record):
     rows = QUERY_ROWS
     layers = measured_layers(real_spec, captured_qkv)

@@ -12,6 +12,11 @@ where the backend reports it (CUDA, MLX).
 
 Labels: ``model`` (the spec's id), ``config``; ``layers_compressed`` / ``layers_uncompressed``
 (how many layers the cache encodes, and how many it keeps as the library does).
+
+A peer's cache (another project's, ``tq_core.methods``) is measured on the real model only, as its
+host library builds it (shape-only models have no model to build it for: skipped), and counted
+from its own tensors by part (codes, scales, zeros, residual); its library decides its layout, so
+there is no formula to hold it to.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures import models as registry
+from harness.hosts import peer_method
 from harness.identity import FULL_ATTENTION
 from suites import gates
 
@@ -97,6 +103,9 @@ def test_bytes_held(host, spec, context, variant, record, request, headline):
     held, peak, cache = fill(host, spec, config, context, m=m)
     base, base_peak, _ = fill(host, spec, None, context, m=m)
     parts = host.held_bytes(cache)["parts"]
+    if peer_method(config) is not None:
+        record_peer(record, spec, config, context, held, base, parts, peak, base_peak)
+        return
     stores = host.stores(cache)
     compressed, filled = len(stores), len(kv_layers(spec))
     fp16 = spec.fp16_bytes_per_token * context  # every layer holding every token in fp16
@@ -141,6 +150,27 @@ def test_bytes_held(host, spec, context, variant, record, request, headline):
     status = gates.check_memory(config, held / base, context, head_dim=spec.head_dim, all_compressed=not kept)
     if config.label in gates.MEMORY_RATIO:  # a config with a layout band: did it apply to this geometry?
         record("gate_calibrated", float(status == "calibrated"), "bool", gate="memory", **labels)
+
+
+def record_peer(record, spec, config, context: int, held: int, base: int, parts: dict, peak, base_peak) -> None:
+    """Bytes of a peer's cache (another project's, built by its host library for the real model), from
+    its own tensors by part, beside the library's fp16 cache of the same tokens. No layout to check
+    it against (the library decides its layout): checked only to hold quantized codes, and less than
+    the fp16 cache."""
+    labels = dict(config=config.label, model=spec.name)
+    record("bytes_held", held, "B", **labels)
+    record("bytes_fp16_cache", base, "B", **labels)
+    record("ratio_vs_fp16", held / base, "x", **labels)
+    record("bytes_per_token_per_head", held / (context * spec.layers * spec.kv_heads), "B", **labels)
+    record("bits_per_channel", held * 8 / (context * spec.layers * spec.kv_heads * spec.head_dim * 2), "bit", **labels)
+    for part in ("codes", "scales", "zeros", "residual", "uncompressed"):
+        if part in parts:
+            record(f"bytes_{part}", parts[part], "B", **labels)
+    if peak is not None:
+        record("peak_alloc", peak, "B", **labels)
+        record("peak_alloc_fp16_cache", base_peak, "B", **labels)
+    assert parts.get("codes", 0) > 0, f"{config.label}: the peer's cache holds no quantized codes ({parts})"
+    assert held < base, f"{config.label}: the peer's cache holds {held} B, the fp16 cache {base} B"
 
 
 def check_packed_codes(host, cache, spec, config, tokens: int, layers: int | None = None) -> None:

@@ -38,7 +38,9 @@ read: 0 % right after the instruction (past the sinks), 100 % ending ``window`` 
 the question (snapped back to a line start). The test asserts the needle is past the sinks and
 out of the window for every config.
 
-Configs: the tier's ``CONFIGS`` (labels); with ``--tq-config`` / ``--tq-method`` the run's matrix.
+Configs: the tier's ``CONFIGS`` (labels); with ``--tq-config`` / ``--tq-method`` the run's matrix;
+on each backend those it can measure (``measurable``: a peer's cache runs in its own host library,
+on a model it can hold).
 
 Records per (backend, length, depth) and config (``config=<label>``, ``config=baseline`` for the
 host cache): ``passkey_found`` (1/0; labels: ``answer`` text, ``key``, ``prompt_format``, ``model``,
@@ -63,11 +65,13 @@ from fixtures import configs as config_registry
 from fixtures import prompts
 from harness import hosts
 from suites import gates
+from tq_core import methods
+from tq_core.methods.peer import NO_CODEC
 
 LENGTHS = {"default": [512], "nightly": [512, 1024, 2048, 4096, 8000]}  # model context: 8192
 DEPTHS = {"default": [0, 50, 100], "nightly": [0, 25, 50, 75, 100]}  # percent
 # Compressed configs per tier, by label (the default tier's budget holds the headline config only).
-CONFIGS = {"default": [config_registry.DEFAULT.label], "nightly": [c.label for c in config_registry.MATRIX]}
+CONFIGS = {"default": [config_registry.DEFAULT.label], "nightly": list(config_registry.TIERS["nightly"])}
 PREFILL_CHUNK = 2048  # context prefill call size (full precision either way; bounds attention memory)
 EQUIVALENCE_TOKENS = 200  # corpus tokens of test_prefill_equivalence: one call, 68 of them encoded
 ANSWER_TOKENS = 8  # "NNNNN." is 6 tokens after the prefix; decoding stops once the answer is decided
@@ -225,7 +229,7 @@ class Needle:
         """{"case": Case, "answers": {config label | "baseline": text}}."""
         key = (host.backend, length, depth)
         if key not in self.runs:
-            window = max(c.window for c in configs.values())
+            window = max((c.window for c in configs.values()), default=0)
             case = build(m.tokenizer, self.haystack(m.tokenizer, corpus), length, depth, window)
             with host.threads(TORCH_THREADS):
                 base = prefill(host, m, case.context)
@@ -254,9 +258,25 @@ def lengths_within(spec, tier: str) -> list[int]:
     return [n for n in LENGTHS[tier] if n + ANSWER_TOKENS <= spec.max_context]
 
 
+def measurable(host, m, configs: dict) -> dict:
+    """``configs`` less those this host cannot measure on this model: a method of another host library
+    or one not installed (``fixtures.configs.runs_on``), a peer whose cache this model cannot hold
+    (``tq_core.methods.Unsupported``; the perplexity suite's skips say why)."""
+    out = {}
+    for label, cfg in configs.items():
+        if config_registry.runs_on(cfg, host.lib):
+            continue
+        try:
+            host.new_cache(m, cfg)  # caches allocate on first use: this only asks the method
+        except methods.Unsupported:
+            continue
+        out[label] = cfg
+    return out
+
+
 @pytest.fixture
-def configs(harness, tier, request) -> dict:
-    return run_configs(harness, tier, request.config)
+def configs(harness, tier, request, host, load_model) -> dict:
+    return measurable(host, load_model(host.backend), run_configs(harness, tier, request.config))
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -315,6 +335,8 @@ def test_needle_summary(host, tier, configs, load_model, corpus, needle, real_sp
     status = gates.check_needle(tier_key, {label: sum(h.values()) for label, h in hits.items()}, n, list(configs),
                                 model_info, backend=host.backend)
     for label, s in status.items():
+        if s == gates.MEASURED:
+            continue  # a peer's cache: measured and reported, never gated
         record("gate_calibrated", float(s == "calibrated"), "bool", gate="needle", config=label,
                calibration=gates.calibration(model_info), **common)
 
@@ -331,7 +353,9 @@ def test_prefill_equivalence(host, configs, load_model, corpus, needle):
     ``AUTO_REL`` of the largest value plus one 16-bit step of each element, on at most
     ``AUTO_ELEMENTS`` of them, and ``AUTO_CODES``. Compressed layers are compared in order; a
     model's other layers (sliding window, ...) hold no codes and are not part of the comparison."""
-    cfg = next(iter(configs.values()))
+    cfg = next((c for c in configs.values() if not methods.get(c.method).peer), None)
+    if cfg is None:
+        pytest.skip(NO_CODEC)  # a peer's cache keeps no layer stores to compare
     m = load_model(host.backend)
     ids = needle.haystack(m.tokenizer, corpus)[0][:EQUIVALENCE_TOKENS]
     assert cfg.sinks + cfg.window < len(ids) <= PREFILL_CHUNK

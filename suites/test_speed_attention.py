@@ -97,6 +97,7 @@ def _held_bytes(host, store) -> int:
     return sum(store.nbytes().values())
 
 
+@pytest.mark.codec  # a peer's cache (no codec, no layer stores) skips: see conftest
 def test_decode_attention_per_layer(backend, host, spec, context, batch, tier, benchmark, record, log, headline):
     CONFIG = headline  # noqa: N806  (the run's first config)
     kind = _kind(backend)
@@ -180,6 +181,7 @@ def test_decode_attention_per_layer(backend, host, spec, context, batch, tier, b
     timing.note_load(benchmark, record, host)
 
 
+@pytest.mark.codec  # a peer's cache (no codec, no layer stores) skips: see conftest
 def test_longest_context_in_budget(backend, host, benchmark, record, headline):
     CONFIG = headline  # noqa: N806  (the run's first config)
     """The most tokens of the 8B geometry (all 32 layers, batch 1) a KV budget holds, by allocating them."""

@@ -136,7 +136,7 @@ CONFIG = [
     case("norm_correction-str", lambda: CacheConfig(norm_correction="yes"), TypeError,
          r"norm_correction must be a bool, got 'yes'"),
     case("method-unknown", lambda: CacheConfig(method="nope"), ValueError,
-         r"method must be one of turboquant, uniform, got 'nope'"),
+         r"method must be one of turboquant, uniform, quanto, hqq, mlxkv, llamacpp, got 'nope'"),
     case("group_size-on-turboquant", lambda: CacheConfig(group_size=32), ValueError,
          r"group_size is not an option of method 'turboquant' \(its options: norm_correction\)"),
     case("norm_correction-on-uniform", lambda: CacheConfig(method="uniform", norm_correction=False), ValueError,
@@ -150,7 +150,7 @@ CONFIG = [
     case("label-bits", lambda: CacheConfig.parse("K9V2"), ValueError,
          r"config label 'K9V2': bits_k must be an int in 1..8, got 9"),
     case("label-method", lambda: CacheConfig.parse("foo:K4V2"), ValueError,
-         r"config label 'foo:K4V2': unknown method 'foo' \(known: turboquant, uniform\)"),
+         r"config label 'foo:K4V2': unknown method 'foo' \(known: turboquant, uniform, quanto, hqq, mlxkv, llamacpp\)"),
     case("label-option", lambda: CacheConfig.parse("K4V2+nc=2"), ValueError,
          r"unknown option nc='2' for method 'turboquant' \(allowed: nc=0, nc=1, seed=<int>\)"),
     case("label-seed", lambda: CacheConfig.parse("K4V2+seed=x"), ValueError,
@@ -159,7 +159,7 @@ CONFIG = [
     case("label-uniform-group", lambda: CacheConfig.parse("uniform:K4V2+g=x"), ValueError,
          r"unknown option g='x' for method 'uniform' \(allowed: g=<group size>, seed=<int>\)"),
     case("label-not-str", lambda: CacheConfig.parse(42), TypeError, r"config label must be a str, got int"),
-    case("methods-get", lambda: methods.get("kivi"), ValueError, r"method must be one of turboquant, uniform, got 'kivi'"),
+    case("methods-get", lambda: methods.get("kivi"), ValueError, r"method must be one of turboquant, uniform, quanto, hqq, mlxkv, llamacpp, got 'kivi'"),
 ]
 
 
@@ -392,11 +392,11 @@ if not HAVE_MLX:
 PYTEST = {  # id -> (options, words of the one usage-error line)
     "target-empty": (["--tq-target="], ["--tq-target must name at least one of torch-cpu, torch-cuda, mlx"]),
     "target-twice": (["--tq-target=torch-cpu,torch-cpu"], ["--tq-target names 'torch-cpu' twice: each backend runs once"]),
-    "target-unknown": (["--tq-target=tpu"], ["--tq-target entries must be in ('torch-cpu', 'torch-cuda', 'mlx')",
+    "target-unknown": (["--tq-target=tpu"], ["--tq-target entries must be in ('torch-cpu', 'torch-cuda', 'mlx', 'llama-cpp')",
                                              "'tpu'"]),
     "config-bits": (["--tq-config=K4V9"], ["config label 'K4V9': bits_v must be an int in 1..8, got 9"]),
     "config-form": (["--tq-config=nope"], ["config label 'nope' is not of the form"]),
-    "method": (["--tq-method=nope"], ["unknown method 'nope' (known: turboquant, uniform)"]),
+    "method": (["--tq-method=nope"], ["unknown method 'nope' (known: turboquant, uniform, quanto, hqq, mlxkv, llamacpp)"]),
     "method-option": (["--tq-method=uniform+g=x"], ["unknown option g='x' for method 'uniform'"]),
     "tier": (["--tq-tier=weekly"], ["argument --tq-tier: invalid choice: 'weekly' (choose from"]),
 }

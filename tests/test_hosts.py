@@ -29,7 +29,7 @@ def test_pinning_can_be_turned_off(monkeypatch):
 
 
 def test_unknown_backend_is_one_clear_error():
-    with pytest.raises(ValueError, match="backend must be one of torch-cpu, torch-cuda, mlx, got 'tpu'"):
+    with pytest.raises(ValueError, match="backend must be one of torch-cpu, torch-cuda, mlx, llama-cpp, got 'tpu'"):
         hosts.get("tpu")
 
 

@@ -11,7 +11,8 @@ Label grammar::
 
 ``turboquant`` is the method when none is named. Options appear only when they differ from
 their default, in a fixed order: ``seed=<int>``, then the method's own (TurboQuant: ``nc=0`` for
-norm correction off; uniform: ``g=<group size>``). Examples: ``K4V2+s4w128`` (the default),
+norm correction off; uniform and the peers quanto, hqq, mlxkv: ``g=<group size>``;
+llamacpp: ``t=1`` or ``t=nl``, llama.cpp's type family). Examples: ``K4V2+s4w128`` (the default),
 ``K4V2+s0w0`` (the codes alone), ``K4V2+s0w0+nc=0``, ``uniform:K4V2+s4w128+g=32``. When parsing,
 ``+s..w..`` may be left out (the default sinks and window apply).
 """
@@ -52,7 +53,10 @@ class CacheConfig:
     seed: base seed of the per-layer rotations (see ``tq_core.rotation.derive_seed``).
     method: the KV method that encodes the history (``tq_core.methods.METHODS``).
     norm_correction: TurboQuant: store ``|x| / |x_hat_unit|`` so decoded vectors keep their norm.
-    group_size: uniform method: channels per scale/zero group (0 = the whole vector).
+    group_size: uniform method: channels per scale/zero group (0 = the whole vector); the peers
+        quanto, hqq, mlxkv: their group size (0 = the library's default, 64).
+    variant: llamacpp method: llama.cpp's type family for 5 and 4 bits ("" q5_0/q4_0, "1" q5_1/q4_1,
+        "nl" iq4_nl); label option ``t=``.
 
     Why these defaults (SmolLM2-135M, 512 tokens of pydoc text, decode semantics, vs the
     uncompressed cache of the same run; README has the table): plain K4/V2 costs +19.4 % PPL
@@ -69,6 +73,7 @@ class CacheConfig:
     norm_correction: bool = True
     method: str = DEFAULT_METHOD
     group_size: int = 0
+    variant: str = ""
 
     def __post_init__(self):
         check_bits("bits_k", self.bits_k)
@@ -77,6 +82,8 @@ class CacheConfig:
         check_count("window", self.window)
         check_count("seed", self.seed)
         check_count("group_size", self.group_size)
+        if not isinstance(self.variant, str):
+            raise TypeError(f"variant must be a str, got {type(self.variant).__name__} {self.variant!r}")
         if not isinstance(self.norm_correction, bool):
             raise TypeError(f"norm_correction must be a bool, got {self.norm_correction!r}")
         from .methods import get  # the registry validates the method's own options

@@ -14,7 +14,11 @@ import mlx.core as mx  # noqa: E402
 
 from tq_core.integrations import mlx_lm  # noqa: E402
 
-from . import Model  # noqa: E402
+from mlx_lm.models.cache import QuantizedKVCache  # noqa: E402
+
+from tq_core.methods import Unsupported  # noqa: E402
+
+from . import Model, peer_method, tensor_bytes  # noqa: E402
 
 
 class MLXHost:
@@ -48,11 +52,17 @@ class MLXHost:
     def new_cache(self, m: Model, config=None, simulate: bool = False, reserve: int = 0, attention: str = "auto"):
         if config is None:
             return mlx_lm.baseline_cache(m.model)
+        peer = peer_method(config, simulate)
+        if peer is not None:  # another project's cache, as mlx-lm builds it (grows by itself)
+            return peer.make_cache(self.lib, m.model, config)
         return mlx_lm.make_cache(m.model, config, simulate=simulate, reserve=reserve, attention=attention)
 
     def shape_cache(self, layers: int, config=None, reserve: int = 0):
         if config is None:
             return [mlx_lm.KVCache() for _ in range(layers)]
+        if peer_method(config) is not None:
+            raise Unsupported(f"{config.label}: a peer cache is built for a model by its library; a shape-only "
+                              "cache has no model to build it for")
         return [mlx_lm.TurboQuantMLXCache(config, i, reserve=reserve) for i in range(layers)]
 
     def update(self, cache, layer: int, k, v):
@@ -82,10 +92,25 @@ class MLXHost:
         return cache
 
     def held_bytes(self, cache) -> dict:
-        """mlx-lm's own ``KVCache`` allocates in steps of 256 tokens; its bytes are the allocation."""
+        """mlx-lm's own ``KVCache`` allocates in steps of 256 tokens; its bytes are the allocation.
+        So does its ``QuantizedKVCache`` (a peer): counted from its (codes, scales, biases) arrays of
+        keys and values, their allocation, as ``codes``, ``scales`` and ``zeros``; ``encoded``: the
+        most tokens a layer holds quantized (all it holds)."""
         parts, channels = {"uncompressed": 0}, 0
         tokens = max((int(c.offset) for c in cache), default=0)
+        quantized = [c for c in cache if isinstance(c, QuantizedKVCache) and c.keys is not None]
+        if quantized:
+            seen = set()
+            parts.update(codes=0, scales=0, zeros=0)
+            for c in quantized:
+                for part, n in tensor_bytes({"codes": [c.keys[0], c.values[0]], "scales": [c.keys[1], c.values[1]],
+                                             "zeros": [c.keys[2], c.values[2]]}, seen).items():
+                    parts[part] += n
+                # mx.quantize packs bits-bit codes into uint32 words: channels from the packed width
+                channels += c.keys[0].shape[1] * (c.keys[0].shape[-1] + c.values[0].shape[-1]) * 32 // c.bits
         for c in cache:
+            if isinstance(c, QuantizedKVCache):
+                continue
             if isinstance(c, mlx_lm.TurboQuantMLXCache):
                 if c.store is None:
                     continue
@@ -95,7 +120,10 @@ class MLXHost:
             elif getattr(c, "keys", None) is not None:
                 parts["uncompressed"] += int(c.nbytes)
                 channels += c.keys.shape[1] * (c.keys.shape[-1] + c.values.shape[-1])
-        return {"parts": parts, "tokens": tokens, "channels": channels}
+        held = {"parts": parts, "tokens": tokens, "channels": channels}
+        if quantized:
+            held["encoded"] = max(int(c.offset) for c in quantized)
+        return held
 
     # ---- running --------------------------------------------------------------------------------
     def forward(self, m: Model, ids, cache, last_only: bool = False):

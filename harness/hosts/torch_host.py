@@ -9,8 +9,20 @@ import numpy as np
 import torch
 
 from tq_core.integrations import hf
+from tq_core.methods import Unsupported
 
-from . import Model
+from . import Model, peer_method, tensor_bytes
+
+
+def quantized_held(layers: list[dict], tokens: int) -> dict:
+    """``held_bytes`` of a peer cache from ``hf.quantized_layers``: its tensors, each storage once."""
+    parts, seen = {"codes": 0, "scales": 0, "zeros": 0, "residual": 0}, set()
+    for la in layers:
+        for part, n in tensor_bytes({"codes": la["quantized"], "residual": la["residual"]}, seen).items():
+            parts[part] = parts.get(part, 0) + n
+    channels = sum(la["heads"] * sum(la["dims"]) for la in layers)
+    encoded = max((la["encoded"] for la in layers), default=0)
+    return {"parts": parts, "tokens": tokens, "channels": channels, "encoded": encoded}
 
 
 class TorchHost:
@@ -46,6 +58,9 @@ class TorchHost:
         decoded history through the library's own attention; ``tq_core.kvstore.LayerStore``)."""
         if config is None:
             return hf.dynamic_cache(m.model)
+        peer = peer_method(config, simulate)
+        if peer is not None:  # another project's cache, as transformers builds it (grows by itself)
+            return peer.make_cache(self.lib, m.model, config)
         return hf.make_cache(m.model, config, simulate=simulate, reserve=reserve, attention=attention)
 
     def shape_cache(self, layers: int, config=None, reserve: int = 0):
@@ -54,6 +69,9 @@ class TorchHost:
             from transformers.cache_utils import DynamicCache
 
             return DynamicCache()
+        if peer_method(config) is not None:
+            raise Unsupported(f"{config.label}: a peer cache is built for a model by its library; a shape-only "
+                              "cache has no model to build it for")
         return hf.TurboQuantCache(config=config, reserve=reserve)
 
     def update(self, cache, layer: int, k, v):
@@ -81,7 +99,12 @@ class TorchHost:
         return cache
 
     def held_bytes(self, cache) -> dict:
-        """What a cache holds, by part, measured from its tensors (see ``harness.scoring.held_bytes``)."""
+        """What a cache holds, by part, measured from its tensors (see ``harness.scoring.held_bytes``).
+        A transformers ``QuantizedCache`` (a peer) is counted from its own tensors: ``codes``,
+        ``scales``, ``zeros`` and the full-precision ``residual``; ``encoded``: the most tokens a
+        layer holds quantized."""
+        if hf.is_quantized_cache(cache):
+            return quantized_held(hf.quantized_layers(cache), int(cache.get_seq_length()))
         parts, channels = {"uncompressed": 0}, 0
         for layer in cache.layers:
             store = getattr(layer, "store", None)

@@ -387,6 +387,53 @@ def unpatch(model, state: dict) -> None:
     disable_attention(model, state["attn_implementation"])
 
 
+# ---- transformers' own QuantizedCache (the quanto and hqq peers, tq_core.methods) ---------------
+def quantized_cache(model, backend: str, nbits: int, group_size: int, residual_length: int, axis: int):
+    """transformers' ``QuantizedCache(backend, ...)`` for ``model``, keys and values on ``axis``.
+
+    It refuses models with any layer that is not full attention (sliding window, ...): refused here
+    first, as ``Unsupported`` naming the layer types, so the harness skips with that reason."""
+    from ..methods.base import Unsupported
+
+    layer_types, _ = _cu.get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise Unsupported(f"transformers' QuantizedCache ({backend}) takes only full-attention models; this one "
+                          f"has {', '.join(other)} layers")
+    return _cu.QuantizedCache(backend, model.config, nbits=nbits, axis_key=axis, axis_value=axis,
+                              q_group_size=group_size, residual_length=residual_length)
+
+
+def is_quantized_cache(cache) -> bool:
+    return isinstance(cache, _cu.QuantizedCache)
+
+
+def quantized_layers(cache) -> list[dict]:
+    """What each layer of a transformers ``QuantizedCache`` holds, from its own tensors.
+
+    Per layer that has stored anything: ``quantized`` (its quantized keys and values as the backend
+    keeps them: optimum-quanto QTensors, or HQQ's (codes, meta) pairs), ``residual`` (the
+    full-precision recent K/V, (B, H, R, D), not yet quantized), ``tokens`` held, ``encoded``
+    (tokens held quantized: tokens - R), ``heads`` (KV heads) and ``dims`` (head_dim of K, V)."""
+    out = []
+    for layer in cache.layers:
+        qk, qv = getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)
+        if qk is None:
+            continue
+        shape_k, shape_v = _quantized_shape(qk), _quantized_shape(qv)
+        res = layer.keys.shape[-2] if isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4 else 0
+        tokens = int(layer.get_seq_length())
+        out.append({"quantized": (qk, qv), "residual": (layer.keys, layer.values), "tokens": tokens,
+                    "encoded": tokens - res, "heads": int(shape_k[1]), "dims": (int(shape_k[-1]), int(shape_v[-1]))})
+    return out
+
+
+def _quantized_shape(q) -> tuple:
+    """(B, H, T, D) of what a quantized layer encoded: an optimum-quanto QTensor is a tensor of that
+    shape; HQQ keeps (codes, meta) with the original shape in meta."""
+    return tuple(q.shape) if isinstance(q, torch.Tensor) else tuple(q[1]["shape"])
+
+
 def baseline_cache(model):
     """The uncompressed baseline: transformers' own DynamicCache."""
     return dynamic_cache(model)

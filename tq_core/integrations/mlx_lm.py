@@ -11,7 +11,9 @@ Two ways attention reads a compressed layer:
 * over the codes: ``patch`` wraps the ``scaled_dot_product_attention`` that the model's module
   imported from ``mlx_lm.models.base`` (patched where it is used). The wrapper attends over the
   layer's ``View`` when the cache it is handed is a ``TurboQuantMLXCache`` made for it (``fast``),
-  and calls the original otherwise, so other models of the same module are unaffected.
+  and calls the original otherwise, so other models of the same module are unaffected, and mlx-lm's
+  own caches keep their attention: a ``QuantizedKVCache`` (it has ``bits``; the mlxkv peer,
+  ``quantized_cache``) is handed untouched to mlx-lm's quantized attention.
 """
 
 from __future__ import annotations
@@ -145,6 +147,28 @@ def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int 
 
 def baseline_cache(model) -> list:
     return [KVCache() for _ in range(len(model.layers))]
+
+
+def quantized_cache(model, bits: int, group_size: int) -> list:
+    """mlx-lm's own prompt cache for ``model`` (``make_prompt_cache``: the model's ``make_cache`` where
+    it has one) with every plain ``KVCache`` layer replaced by mlx-lm's ``QuantizedKVCache(group_size,
+    bits)``: the layers mlx-lm's own ``to_quantized`` can quantize. Others (``RotatingKVCache`` of
+    sliding layers, whose ``to_quantized`` mlx-lm leaves unimplemented, ...) stay as mlx-lm makes them.
+
+    It has ``bits``, so mlx-lm's attention reads it with ``quantized_scaled_dot_product_attention``
+    (and ``enable_attention``'s wrapper passes it through untouched). It quantizes from the first
+    token; mlx-lm's generate with ``kv_bits`` would keep the first ``quantized_kv_start`` tokens in a
+    plain cache instead, and this measures the cache itself."""
+    from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+
+    from ..methods.base import Unsupported
+
+    caches = make_prompt_cache(model)
+    out = [QuantizedKVCache(group_size=group_size, bits=bits) if type(c) is KVCache else c for c in caches]
+    if not any(isinstance(c, QuantizedKVCache) for c in out):
+        raise Unsupported(f"no layer of this mlx-lm model has a plain KVCache that mlx-lm can quantize "
+                          f"({', '.join(sorted({type(c).__name__ for c in caches}))})")
+    return out
 
 
 def cache_nbytes(cache: list) -> int:

@@ -126,7 +126,8 @@ def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
     """Encode keys ``k`` and values ``v`` (B, H, t, D) of the same tokens in one fused launch straight
     into their buffers' views (``out_k``/``out_v``: {"codes": (B, H, t, bytes), "norms": (B, H, t)});
     False (nothing written) where that kernel does not apply (then each kind is encoded on its own)."""
-    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused):
+    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused
+            and set(out_k) == set(out_v) == {"codes", "norms"}):  # TurboQuant's own fields only
         return False
     ops = for_array(k)
     module = ops.encode_kernel(k)

@@ -17,18 +17,34 @@ method that has nothing better inherits the decoded one from ``Codec``):
     codec.output(u)                 back to the original space (TurboQuant: one rotation of the output)
 
 Bytes held are never computed by a method: the store counts the arrays it holds.
+
+Peers (``Method.peer``: quanto, hqq, mlxkv, ...) are other projects' caches, registered here so every
+suite that measures through the model measures them beside TurboQuant: they have no codec; the host
+library builds their cache (``Method.make_cache(lib, model, config)``) in the host libraries they
+run in (``Method.hosts``), when what they import is installed (``Method.requires``/``missing()``),
+and the host objects count their bytes from the peer's own tensors. ``Unsupported`` is raised
+where a method cannot hold a given model's cache (the harness skips with its reason).
 """
 
 from __future__ import annotations
 
-from .base import Codec, Method
+from .base import Codec, Method, Unsupported
+from .hqq import HQQ
+from .mlxkv import MLXKV
+from .quanto import Quanto
 from .turboquant import TurboQuant
 from .uniform import Uniform
+from .llamacpp import LlamaCpp
 
 # name -> method, ordered easy -> hard to read: the reference first, then the simple baseline.
 METHODS: dict[str, Method] = {
     "turboquant": TurboQuant(),
     "uniform": Uniform(),
+    # peers: other projects' caches, measured beside TurboQuant through the model, never gated
+    "quanto": Quanto(),
+    "hqq": HQQ(),
+    "mlxkv": MLXKV(),
+    "llamacpp": LlamaCpp(),
 }
 
 
@@ -40,4 +56,4 @@ def get(name: str) -> Method:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r}") from None
 
 
-__all__ = ["Codec", "Method", "METHODS", "get"]
+__all__ = ["Codec", "Method", "METHODS", "Unsupported", "get"]

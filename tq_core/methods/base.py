@@ -44,18 +44,55 @@ class Codec:
         return u
 
 
+class Unsupported(ValueError):
+    """A method cannot hold this model's cache in this host library (the message says why and what
+    would work). The harness turns it into a skip with that reason: a measurement that cannot be
+    made is reported, never counted as a failure of the cache."""
+
+
 class Method:
-    """A registered KV method: validates its options, names them in labels, builds codecs."""
+    """A registered KV method: validates its options, names them in labels, builds codecs.
+
+    ``hosts``: the host libraries it runs in, as the harness's host objects name them (their
+    ``lib``: "torch", "mlx", "llama.cpp"). ``peer``: another project's cache, measured beside
+    TurboQuant through the model and reported, never gated; it has no codec, and the host library
+    builds its cache (``make_cache``). ``requires``: (importable module, pip install line) pairs it
+    needs beyond the host library; ``missing()`` names the first one that is not installed.
+    """
 
     name: str = ""
     options: tuple = ()  # CacheConfig fields this method reads beyond bits/sinks/window/seed
+    hosts: tuple[str, ...] = ("torch", "mlx")
+    peer: bool = False
+    requires: tuple[tuple[str, str], ...] = ()
+
+    def missing(self) -> str | None:
+        """Why this method cannot run here (a module it needs is not installed, with the install
+        line), or None. Looks the modules up without importing them."""
+        import importlib.util
+
+        for module, install in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a parent package missing, or a broken one
+                found = False
+            if not found:
+                return f"{self.name}: {module} is not installed ({install})"
+        return None
+
+    def make_cache(self, lib: str, model, config):
+        """The host library's own cache object for the whole ``model`` (a transformers ``Cache``, a
+        list of mlx-lm per-layer caches): peers only; TurboQuant and uniform caches are built by the
+        integrations around ``tq_core.kvstore``."""
+        raise NotImplementedError(f"method {self.name!r} has no cache of its own: the integrations build "
+                                  "TurboQuant-style caches from its codecs")
 
     def check_config(self, config) -> None:
         """Refuse options that belong to another method (they would be silently ignored)."""
         from ..config import CacheConfig
 
         default = CacheConfig.__dataclass_fields__
-        for name in ("norm_correction", "group_size"):
+        for name in ("norm_correction", "group_size", "variant"):
             if name not in self.options and getattr(config, name) != default[name].default:
                 raise ValueError(f"{name} is not an option of method {self.name!r} "
                                  f"(its options: {', '.join(self.options) or 'none'})")

@@ -34,7 +34,10 @@ class TurboQuantCodec(Codec):
         return {"codes": enc.codes, "norms": enc.norms}
 
     def encode_into(self, x, out: dict) -> bool:
-        return self.fused and kernels.encode_into(self.q, x, out["codes"], out["norms"])
+        # The fused kernel writes TurboQuant's own fields; a codec holding others encodes through encode().
+        if not self.fused or set(out) != {"codes", "norms"}:
+            return False
+        return kernels.encode_into(self.q, x, out["codes"], out["norms"])
 
     def decode(self, parts: dict, dtype=None):
         return self.q.decode_parts(parts["codes"], parts["norms"], dtype)
