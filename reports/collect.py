@@ -441,7 +441,9 @@ def pytest_sessionfinish(session, exitstatus):
         if _is_worker(config):
             rec.writer.close()
             return
-        path, data = rec.writer.assemble(provenance(config))
+        # Commit and dirty state as they were when the run started: a commit made during a long run
+        # is not the code it measured.
+        path, data = rec.writer.assemble({**provenance(config), **rec.writer.run_start})
     except (OSError, ValueError) as e:  # the partial files stay: the next run or reader recovers them
         rec.writer.close()
         _say(config, f"could not write the results file ({e}); the measurements stay in "

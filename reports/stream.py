@@ -184,6 +184,8 @@ class Writer:
 
     def __init__(self, folder: pathlib.Path, stem_: str, run_id: str, who: str, run: dict, target: str):
         self.folder, self.stem, self.run_id, self.who = folder, stem_, run_id, who
+        # The code the run measures: the checkout at its start (a later commit is not what ran).
+        self.run_start = {k: run[k] for k in ("commit", "commit_time", "dirty") if k in run}
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / partial_name(stem_, run_id, who)
         # Created under a temporary name and renamed once locked with its header: a reader never

@@ -275,3 +275,14 @@ def test_worker_streams_without_the_runs_own_are_never_complete(tmp_path):
     assert data["run"]["exitstatus"] is None
     assert "own stream is missing" in data["run"]["incomplete"]
     assert len(data["records"]) == 2
+
+
+def test_the_commit_is_the_one_the_run_started_on(tmp_path):
+    """A commit made while a long run measures (here: TQ_COMMIT changed mid-run) is not the code it
+    measured: the results file keeps the commit of the session's start, in its name and its run."""
+    src = DEMO.replace("def test_c():\n    pass", "def test_c():\n    os.environ['TQ_COMMIT'] = 'b' * 40")
+    code, out = run(tmp_path, src, TQ_COMMIT="a" * 40, TQ_DIRTY="0")
+    assert code == 0, out
+    files = sorted((tmp_path / "results" / "cpu").glob("*.json"))
+    assert len(files) == 1 and "aaaaaaaaaa" in files[0].name, files
+    assert json.loads(files[0].read_text())["run"]["commit"] == "a" * 40
