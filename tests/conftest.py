@@ -68,3 +68,29 @@ def corpus_ids(hf_model) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:CORPUS_TOKENS]
     assert len(ids) == CORPUS_TOKENS
     return ids
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """``make(**shape) -> (torch CPU host, hosts.Model)``: a random 2-layer Llama (vocab 97), seeded.
+    initializer_range 0.2 (not 0.02): peaked attention and logits, so quantization noise shows.
+    ``enable_attention``: read compressed caches over their codes, as the torch host loads models."""
+
+    def make(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             max_position_embeddings=256, enable_attention=False):
+        torch = pytest.importorskip("torch")
+        transformers = pytest.importorskip("transformers")
+        from harness.identity import geometry
+        from tq_core.integrations import hf
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=hidden_size, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=num_attention_heads,
+                                       num_key_value_heads=num_key_value_heads, head_dim=head_dim,
+                                       max_position_embeddings=max_position_embeddings, initializer_range=0.2)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        if enable_attention:
+            hf.enable_attention(model)
+        return hosts.get("torch-cpu"), hosts.Model(model, None, None, geometry(model.config))
+
+    return make

@@ -146,22 +146,11 @@ def test_tensor_bytes_reads_inside_quantized_tensors():
 
 # ---- through the real host path: transformers -----------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_torch():
-    """A 2-layer random Llama (4 KV heads of 64 channels: every peer group size fits) on the torch host."""
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    from harness.identity import geometry
-    from tq_core.integrations import hf
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-                                   max_position_embeddings=512, initializer_range=0.2)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    hf.enable_attention(model)  # as the torch host loads models: peer caches must go through it untouched
-    return hosts.get("torch-cpu"), hosts.Model(model, None, None, geometry(model.config))
+def tiny_torch(make_tiny_llama):
+    """A 2-layer random Llama (4 KV heads of 64 channels: every peer group size fits) on the torch host,
+    its attention as the torch host loads models: peer caches must go through it untouched."""
+    return make_tiny_llama(hidden_size=128, num_key_value_heads=4, head_dim=64, max_position_embeddings=512,
+                           enable_attention=True)
 
 
 def _ids(n: int = TOKENS) -> list[int]:

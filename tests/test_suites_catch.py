@@ -253,20 +253,12 @@ TOKENS = 200  # > sinks + window (132): the last 68 positions read codes under K
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(make_tiny_llama):
     """(torch host, hosts.Model of a tiny random Llama, token ids)."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from harness.identity import geometry
-
-    torch.manual_seed(0)
-    # initializer_range 0.2 (not 0.02): peaked attention and logits, so quantization noise shows.
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   max_position_embeddings=256, initializer_range=0.2)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
-    return hosts.get("torch-cpu"), hosts.Model(model, None, None, geometry(cfg)), ids
+    host, m = make_tiny_llama()
+    ids = torch.randint(0, 97, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+    return host, m, ids
 
 
 def score(tiny, config, chunk: int):
