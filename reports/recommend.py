@@ -1,6 +1,7 @@
 """Recommended configs: per model, backend and method, the fewest bits held that meet a quality bar.
 
     python -m reports.recommend RESULTS.json [...]      # a Markdown table on stdout
+    python -m reports.recommend --all RESULTS.json      # every point (config, bits, ΔPPL, KLD, top-1, front)
 
 The points are the quality-per-bit frontier's (``reports.frontier``: the perplexity suite's headline
 rows, decode semantics where the run scored it so, against the uncompressed cache of the same run).
@@ -69,14 +70,33 @@ def markdown(all_picks: list[Pick], dppl_max: float = DPPL_MAX, kld_max: float =
     return "\n".join(lines)
 
 
+def points_markdown(run: runs.Run) -> str:
+    """Every frontier point of ``run``: model, backend, config, bits held, ΔPPL, KLD, same top-1, and
+    whether it meets the bar and is on the Pareto front (bits held, KLD)."""
+    lines = ["| model | backend | config | bits held | ΔPPL | mean KLD | same top-1 | on the front |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in frontier.of(run):
+        for p in f.points:
+            lines.append(f"| {run.model or fmt.DASH} | {f.backend or fmt.DASH} | {p.config} | {fmt.num(p.v('bits'))} "
+                         f"| {_cell(p, 'dppl', ' %')} | {_cell(p, 'kld')} | {_cell(p, 'top1', ' %')} "
+                         f"| {'yes' if p.front else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reports.recommend", description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="results files (reports/results/<target>/*.json)")
     ap.add_argument("--dppl-max", type=float, default=DPPL_MAX, help=f"ΔPPL bar in percent (default {DPPL_MAX})")
     ap.add_argument("--kld-max", type=float, default=KLD_MAX, help=f"mean KLD bar in nats (default {KLD_MAX})")
+    ap.add_argument("--all", action="store_true", help="every point of the runs instead (the frontier's table)")
     args = ap.parse_args(argv)
     try:
-        all_picks = [k for path in args.results for k in picks(runs.load(path), args.dppl_max, args.kld_max)]
+        loaded = [runs.load(path) for path in args.results]
+        if args.all:
+            print("\n".join(points_markdown(r) if i == 0 else points_markdown(r).split("\n", 2)[2]
+                            for i, r in enumerate(loaded)))
+            return 0
+        all_picks = [k for r in loaded for k in picks(r, args.dppl_max, args.kld_max)]
     except (OSError, ValueError) as e:
         print(f"reports.recommend: error: {e}", file=sys.stderr)
         return 2

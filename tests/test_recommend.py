@@ -42,3 +42,11 @@ def test_cli_prints_the_table_and_refuses_a_missing_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "reports.recommend", str(tmp_path / "nope.json")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
+
+
+def test_all_lists_every_point_with_its_front():
+    table = recommend.points_markdown(runs.load(H200))
+    rows = [r for r in table.splitlines()[2:]]
+    assert len(rows) == 7  # the nightly matrix (six configs) and the plain codes (K4V2+s0w0)
+    assert "| smollm2-135m | torch-cuda | K4V2+s4w128 | 4.895 |" in table
+    assert sum(r.endswith("| yes |") for r in rows) >= 1
