@@ -113,13 +113,22 @@ def encode_into(quantizer, x, codes, norms) -> bool:
     module = ops.encode_kernel(x)
     if not _encodes(module, quantizer, x, ops):
         return False
-    rows = x.shape[0] * x.shape[1] * x.shape[2]
-    try:  # one token per (batch, head) row of a contiguous buffer: rows of one stride, no copy
-        codes_rows, norms_rows = codes.view(rows, codes.shape[-1]), norms.view(rows)
-    except RuntimeError:
+    out = _rows(codes, norms)
+    if out is None:
         return False
-    _encode_rows(module, quantizer, ops.reshape(x, (rows, x.shape[-1])), codes_rows, norms_rows)
+    _encode_rows(module, quantizer, ops.reshape(x, (-1, x.shape[-1])), *out)
     return True
+
+
+def _rows(codes, norms):
+    """(codes, norms) views of (B, H, t, ...) buffer slots as (B * H * t) rows of one stride, or None
+    when they are not (a one-token slot of a contiguous buffer is; a prefill's many tokens per head
+    are not): the fused encode then writes them in place, no copy."""
+    rows = codes.shape[0] * codes.shape[1] * codes.shape[2]
+    try:
+        return codes.view(rows, codes.shape[-1]), norms.view(rows)
+    except RuntimeError:
+        return None
 
 
 def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
@@ -136,14 +145,12 @@ def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
             or not _encodes(module, qv, v, ops) or qk.norm_correction != qv.norm_correction
             or tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype):
         return False
-    rows = k.shape[0] * k.shape[1] * k.shape[2]
-    try:  # one token per (batch, head) row of a contiguous buffer: rows of one stride, no copy
-        kinds = [dict(_encode_args(module, q, k), codes=out["codes"].view(rows, out["codes"].shape[-1]),
-                      norms=out["norms"].view(rows)) for q, out in ((qk, out_k), (qv, out_v))]
-    except RuntimeError:
+    views = [_rows(out["codes"], out["norms"]) for out in (out_k, out_v)]
+    if None in views:
         return False
+    kinds = [dict(_encode_args(module, q, k), codes=c, norms=n) for q, (c, n) in zip((qk, qv), views)]
     d = k.shape[-1]
-    module.encode_pair_into(ops.reshape(k, (rows, d)), ops.reshape(v, (rows, d)), *kinds,
+    module.encode_pair_into(ops.reshape(k, (-1, d)), ops.reshape(v, (-1, d)), *kinds,
                             norm_correction=qk.norm_correction)
     return True
 
