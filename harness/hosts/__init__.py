@@ -86,6 +86,16 @@ def peer_method(config, simulate: bool = False):
     return method
 
 
+def check_shape_only(config) -> None:
+    """Refuse a shape-only cache (no model behind it) for a peer, whose library builds its cache for a
+    model: ``Unsupported`` (the harness skips with the reason)."""
+    if config is not None and peer_method(config) is not None:
+        from tq_core.methods import Unsupported
+
+        raise Unsupported(f"{config.label}: a peer cache is built for a model by its library; a shape-only "
+                          "cache has no model to build it for")
+
+
 # Leaf names (attribute or dict key) that hold a quantizer's scales or zero points, wherever they sit:
 # optimum-quanto's QTensor ``_scale``/``_shift``, HQQ's meta ``scale``/``zero``, mlx's ``scales``/``biases``.
 LEAF_PARTS = {"_scale": "scales", "scale": "scales", "scales": "scales",

@@ -16,9 +16,7 @@ from tq_core.integrations import mlx_lm  # noqa: E402
 
 from mlx_lm.models.cache import QuantizedKVCache  # noqa: E402
 
-from tq_core.methods import Unsupported  # noqa: E402
-
-from . import Model, peer_method, tensor_bytes  # noqa: E402
+from . import Model, check_shape_only, peer_method, tensor_bytes  # noqa: E402
 
 
 class MLXHost:
@@ -60,9 +58,7 @@ class MLXHost:
     def shape_cache(self, layers: int, config=None, reserve: int = 0):
         if config is None:
             return [mlx_lm.KVCache() for _ in range(layers)]
-        if peer_method(config) is not None:
-            raise Unsupported(f"{config.label}: a peer cache is built for a model by its library; a shape-only "
-                              "cache has no model to build it for")
+        check_shape_only(config)
         return [mlx_lm.TurboQuantMLXCache(config, i, reserve=reserve) for i in range(layers)]
 
     def update(self, cache, layer: int, k, v):

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from tq_core.integrations import hf
-from tq_core.methods import Unsupported
 
-from . import Model, peer_method, tensor_bytes
+from . import Model, check_shape_only, peer_method, tensor_bytes
 
 
 def quantized_held(layers: list[dict], tokens: int) -> dict:
@@ -69,9 +68,7 @@ class TorchHost:
             from transformers.cache_utils import DynamicCache
 
             return DynamicCache()
-        if peer_method(config) is not None:
-            raise Unsupported(f"{config.label}: a peer cache is built for a model by its library; a shape-only "
-                              "cache has no model to build it for")
+        check_shape_only(config)
         return hf.TurboQuantCache(config=config, reserve=reserve)
 
     def update(self, cache, layer: int, k, v):
