@@ -4,9 +4,11 @@ K/V of each model's geometry are written into the real cache objects (through th
 transformers Cache for torch, mlx-lm caches for mlx) layer by layer; the weights do not change how
 many bytes a cache holds, so shape-only models stand in for large ones. The run's real model
 (``--tq-model``, else the default) is measured through the caches its host builds for it, so its
-layer types count: layers the cache keeps uncompressed (sliding window, chunked attention) are
-filled like the others and held by the host library's own layers; they are counted in bytes held
-(part ``uncompressed``) and must hold exactly what the library's own cache holds for them. Layers
+layer types count: sliding-window layers are held encoded, bounded to their window, with
+``sw=codes`` (``CacheConfig.sliding``) and held to that layout; layers the cache keeps uncompressed
+(sliding window by default, chunked attention) are filled like the others and held by the host
+library's own layers; they are counted in bytes held (part ``uncompressed``) and must hold exactly
+what the library's own cache holds for them. Layers
 that take no K/V (linear attention, shared KV) are not filled. Peak allocator memory is recorded
 where the backend reports it (CUDA, MLX).
 
@@ -27,6 +29,7 @@ from fixtures import models as registry
 from harness.hosts import peer_method
 from harness.identity import FULL_ATTENTION
 from suites import gates
+from tq_core.kvstore import BLOCK
 
 CONTEXTS = {"default": [1024, 4096], "nightly": [1024, 4096, 16384, 32768]}
 # Layer types whose cache layers take K/V (a cache compresses the first; a host library may keep the
@@ -45,15 +48,32 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("spec", specs, ids=lambda s: f"model={s.name}")
 
 
-def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, layers: int | None = None) -> int:
+def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, layers: int | None = None,
+                  spans: list[int] | None = None) -> int:
     """What the layout should hold in ``layers`` compressed layers (default: all of ``spec``): the
     method's fields per encoded token (from its codecs' declared field shapes), full precision
-    sinks/window."""
-    fp_tokens = min(tokens, config.sinks + config.window)
-    enc = tokens - fp_tokens
+    sinks/window. ``spans``: each compressed layer's sliding window (0: full attention), which
+    bounds what it holds (``held_tokens``)."""
     per_vec = sum(field_bytes(c) for c in (codec_k, codec_v))
-    n = spec.layers if layers is None else layers
-    return n * spec.kv_heads * (enc * per_vec + fp_tokens * spec.head_dim * 2 * fp_bytes)
+    spans = [0] * (spec.layers if layers is None else layers) if spans is None else spans
+    total = 0
+    for span in spans:
+        fp_tokens, enc = held_tokens(config, tokens, span)
+        total += spec.kv_heads * (enc * per_vec + fp_tokens * spec.head_dim * 2 * fp_bytes)
+    return total
+
+
+def held_tokens(config, tokens: int, span: int = 0) -> tuple[int, int]:
+    """(full-precision, encoded) positions a layer holds after ``tokens``: all of them in a
+    full-attention layer (sinks and window in full precision); in a sliding-window layer of
+    ``span``, the last ``span - 1`` (no sinks, the window in full precision)."""
+    if span:
+        held = min(tokens, span - 1)
+        fp = min(held, config.window, span - 1)
+    else:
+        held = tokens
+        fp = min(tokens, config.sinks + config.window)
+    return fp, held - fp
 
 
 def field_bytes(codec) -> int:
@@ -90,16 +110,22 @@ def fill(host, spec, config, tokens, chunk=1024, m=None):
     return sum(host.held_bytes(cache)["parts"].values()), host.peak(), cache
 
 
-@pytest.mark.parametrize("variant", ["default", "plain"], ids=lambda v: f"variant={v}")
+@pytest.mark.parametrize("variant", ["default", "plain", "sliding"], ids=lambda v: f"variant={v}")
 def test_bytes_held(host, spec, context, variant, record, request, headline):
+    """``variant``: the run's headline config; ``plain``: its codes alone (no sinks, no window);
+    ``sliding``: its sliding-window layers encoded too (``sw=codes``; models that have such layers)."""
     if request.config.getoption("--tq-tier") == "default" and host.slow_cpu_backend and spec.kind == "shape":
         # MLX on CPU encodes ~0.1 M vectors/s: a 32-layer 4k fill alone takes minutes.
         pytest.skip("default tier on MLX/CPU: the real model's geometry only; --tq-tier nightly runs every shape")
+    if variant == "sliding" and ("sliding_attention" not in spec.types or peer_method(headline) is not None):
+        pytest.skip(f"{spec.name} has no sliding-window layers" if peer_method(headline) is None else
+                    f"{headline.label} is a peer's cache: its library decides how sliding layers are held")
     m = request.getfixturevalue("load_model")(host.backend) if spec.kind == "real" else None
     if m is not None:
         request.getfixturevalue("model_info")  # the run records which model was measured
 
-    config = headline if variant == "default" else headline.replace(sinks=0, window=0)
+    config = {"default": headline, "plain": headline.replace(sinks=0, window=0),
+              "sliding": headline.replace(sliding="codes")}[variant]
     held, peak, cache = fill(host, spec, config, context, m=m)
     base, base_peak, _ = fill(host, spec, None, context, m=m)
     parts = host.held_bytes(cache)["parts"]
@@ -117,10 +143,16 @@ def test_bytes_held(host, spec, context, variant, record, request, headline):
         f"the compressed cache encodes {compressed} layers; {spec.name} has {len(spec.full_layers)} full-attention "
         f"layers of {filled} that take K/V")
     kept = filled - compressed
+    spans = [store.span for store in stores]
     # Layers kept uncompressed hold what the library's own cache holds for them (the baseline holds
     # every token of each full-attention layer, as the compressed layers' tokens).
     expect_uncompressed = base - compressed * per_layer_fp16 if kept else 0
-    expect = formula_bytes(spec, config, context, 2, stores[0].codec_k, stores[0].codec_v, compressed)
+    expect = formula_bytes(spec, config, context, 2, stores[0].codec_k, stores[0].codec_v, spans=spans)
+    # Reserved for the context, a full-attention layer has no spare capacity; a sliding-window layer
+    # keeps one block spare to drop and compact by (tq_core.kvstore.BLOCK).
+    spare_max = sum(1 for span in spans if span) * spec.kv_heads * BLOCK * sum(
+        field_bytes(c) for c in (stores[0].codec_k, stores[0].codec_v))
+    spare = parts.get("spare", 0)
     labels = dict(config=config.label, model=spec.name, layers_compressed=compressed, layers_uncompressed=kept)
     record("bytes_held", held, "B", **labels)
     record("bytes_formula", expect + expect_uncompressed, "B", **labels)
@@ -144,9 +176,10 @@ def test_bytes_held(host, spec, context, variant, record, request, headline):
     assert parts.get("uncompressed", 0) == expect_uncompressed, (
         f"{kept} layers kept uncompressed hold {parts.get('uncompressed', 0)} B; the library's own cache "
         f"holds {expect_uncompressed} B for them")
-    assert held - parts.get("uncompressed", 0) == expect, (
-        f"{compressed} compressed layers hold {held - parts.get('uncompressed', 0)} B, layout says {expect} B")
-    check_packed_codes(host, cache, spec, config, context, layers=compressed)
+    assert spare <= spare_max, f"the compressed layers hold {spare} B of spare capacity, at most {spare_max} B expected"
+    assert held - parts.get("uncompressed", 0) - spare == expect, (
+        f"{compressed} compressed layers hold {held - parts.get('uncompressed', 0) - spare} B, layout says {expect} B")
+    check_packed_codes(host, cache, spec, config, context, spans=spans)
     status = gates.check_memory(config, held / base, context, head_dim=spec.head_dim, all_compressed=not kept)
     if config.label in gates.MEMORY_RATIO:  # a config with a layout band: did it apply to this geometry?
         record("gate_calibrated", float(status == "calibrated"), "bool", gate="memory", **labels)
@@ -173,14 +206,16 @@ def record_peer(record, spec, config, context: int, held: int, base: int, parts:
     assert held < base, f"{config.label}: the peer's cache holds {held} B, the fp16 cache {base} B"
 
 
-def check_packed_codes(host, cache, spec, config, tokens: int, layers: int | None = None) -> None:
+def check_packed_codes(host, cache, spec, config, tokens: int, spans: list[int] | None = None) -> None:
     """The ``codes`` part holds exactly ceil(dim / 8) * bits bytes per encoded vector, K and V, in
-    each of the ``layers`` compressed layers (default: all of ``spec``)."""
+    each compressed layer (``spans``: their sliding windows, 0 for full attention; default: every
+    layer of ``spec``, full attention)."""
     from tq_core import packing
 
-    enc = max(0, tokens - config.sinks - config.window)
+    spans = [0] * spec.layers if spans is None else spans
+    enc = sum(held_tokens(config, tokens, span)[1] for span in spans)
     per_vec = packing.packed_size(spec.head_dim, config.bits_k) + packing.packed_size(spec.head_dim, config.bits_v)
     codes = host.held_bytes(cache)["parts"].get("codes", 0)
-    expect = (spec.layers if layers is None else layers) * spec.kv_heads * enc * per_vec
+    expect = spec.kv_heads * enc * per_vec
     assert codes == expect, (f"{config.label}: codes hold {codes} B, {expect} B at {config.bits_k}/{config.bits_v} bits "
                              "per channel: the codes are not packed to their bits")

@@ -133,6 +133,7 @@ def default_tier_runs(tier: str, backend: str, kind: str, item=True) -> None:
 
 GOAL_DPPL_PCT = 2.0  # the project goal for K4/V2 default at decode semantics (not a gate)
 GOAL_KLD = 0.015
+BASELINE_BYTES = 3 << 30  # baseline log-probs kept for reuse within a module (at least the newest one)
 REFERENCE = "torch-cpu"  # cross-backend noise floor: every other backend against this one
 REUSED = (registry.DEFAULT.label, registry.PLAIN.label)  # cache-mode results kept for test_simulated
 
@@ -178,11 +179,18 @@ class Scorer:
         return lp, cache, secs
 
     def baseline(self, backend: str, protocol: Protocol):
-        """(log-probs, cache, seconds) of the uncompressed cache, once per (backend, protocol)."""
+        """(log-probs, cache, seconds) of the uncompressed cache, once per (backend, protocol) while
+        the kept ones fit ``BASELINE_BYTES`` (the least recently used go first: a 262k-token
+        vocabulary makes each 1 GiB at 1024 tokens)."""
         key = (backend, protocol)
-        if key not in self._base:
-            self._base[key] = self.score(backend, None, protocol)
-        return self._base[key]
+        if key in self._base:
+            self._base[key] = self._base.pop(key)  # most recently used last
+            return self._base[key]
+        out = self.score(backend, None, protocol)
+        while self._base and sum(v[0].nbytes for v in self._base.values()) + out[0].nbytes > BASELINE_BYTES:
+            self._base.pop(next(iter(self._base)))
+        self._base[key] = out
+        return out
 
     def compressed(self, backend: str, config, protocol: Protocol):
         """(comparison with the baseline of the same run and protocol, log-probs, cache, seconds).

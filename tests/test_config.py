@@ -47,6 +47,8 @@ CONFIGS = _configs()
     (CacheConfig(method="uniform"), "uniform:K4V2+s4w128"),
     (CacheConfig(method="uniform", group_size=32), "uniform:K4V2+s4w128+g=32"),
     (CacheConfig(method="uniform", group_size=32, seed=5), "uniform:K4V2+s4w128+seed=5+g=32"),
+    (CacheConfig(sliding="codes"), "K4V2+s4w128+sw=codes"),
+    (CacheConfig(seed=2, sliding="codes", norm_correction=False), "K4V2+s4w128+seed=2+sw=codes+nc=0"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_canonical_labels(config, label):
     assert config.label == label
@@ -117,6 +119,8 @@ def test_malformed_label(label):
     ("K4V2+seed=-1", ["seed", "'-1'"]),
     ("K4V2+seed=1.5", ["seed", "'1.5'"]),
     ("K4V2+foo=1", ["unknown option foo='1'", "'turboquant'"]),
+    ("K4V2+sw=all", ["sw", "keep", "codes", "'all'"]),
+    ("quanto:K4V4+s0w0+sw=codes", ["sliding", "quanto"]),
 ])
 def test_bad_label_names_the_problem(label, words):
     msg = _one_clear_error(label)
@@ -155,6 +159,7 @@ def test_parse_non_str_is_a_type_error(bad):
     ({"group_size": -1, "method": "uniform"}, ValueError, "group_size"),
     ({"method": "nope"}, ValueError, "method"),
     ({"method": None}, ValueError, "method"),
+    ({"sliding": "all"}, ValueError, "sliding"),
 ])
 def test_bad_fields(kwargs, exc, words):
     with pytest.raises(exc, match=words):

@@ -688,6 +688,47 @@ def test_patched_sliding_window_model_matches_reference_path(tiny_gemma3, view_s
     assert fast == reference
 
 
+def test_sliding_layers_as_codes(tiny_gemma3):
+    """``sw=codes``: sliding layers are compressed too, each holding only its last window - 1
+    positions (no sinks), and the model's sliding mask reads exactly those."""
+    model, kwarg = tiny_gemma3, hf.cache_kwarg(tiny_gemma3)
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=4, sliding="codes")
+    cache = hf.TurboQuantCache(model.config, config=cfg)
+    assert [type(layer) for layer in cache.layers] == [hf.TurboQuantSlidingLayer, hf.TurboQuantLayer] * 2
+    assert len(_tiny_generate(model, 10, **{kwarg: cache})) == 10
+    stores = [layer.store for layer in cache.layers]
+    assert [s.held for s in stores] == [7, 29, 7, 29]
+    assert [s.encoded_tokens for s in stores] == [3, 29 - 6, 3, 29 - 6]
+    assert stores[0].sink_k is None and stores[1].sink_k.shape[2] == 2
+    assert cache.nbytes()["uncompressed"] == 0
+
+    # Everything in full precision: the same greedy tokens as DynamicCache (sliding layers included),
+    # through the reference path and over the codes.
+    wide = cfg.replace(window=1000)
+    baseline = _tiny_generate(model, 12, **{kwarg: hf.dynamic_cache(model)})
+    assert _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=wide)}) == baseline
+    tq_core.patch(model, config=wide)
+    try:
+        assert _tiny_generate(model, 12) == baseline
+    finally:
+        tq_core.unpatch(model)
+
+
+def test_patched_sliding_layers_as_codes_match_reference_path(tiny_gemma3, view_spy):
+    """Over the codes, sliding layers included (their mask is the library's sliding one), the same
+    greedy tokens as the reference path; every layer attends over its codes at every step."""
+    model, kwarg = tiny_gemma3, hf.cache_kwarg(tiny_gemma3)
+    cfg = CacheConfig(bits_k=3, bits_v=2, sinks=2, window=3, sliding="codes")
+    reference = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
+    tq_core.patch(model, config=cfg)
+    try:
+        fast = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
+    finally:
+        tq_core.unpatch(model)
+    assert view_spy["attend"] == 4 * 12
+    assert fast == reference
+
+
 # ------------------------------------------------------------------ beam search
 
 

@@ -452,6 +452,35 @@ def test_attention_step_matches_array_ops(case, triton_everywhere):
     assert err_ref < tol + 1e-3 * (dtype != torch.float32) + 1e-6, f"relative error vs decoded reference {err_ref:.3g}"
 
 
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_span_store_attention_step_matches_array_ops(dt, triton_everywhere):
+    """A sliding-window layer (span 40) after its history was dropped from and compacted: the
+    whole-call kernels read the held codes (a view that starts past the buffers' first slot, then
+    compacted ones) as the array-ops path does."""
+    from tq_core.config import CacheConfig
+    from tq_core.kvstore import LayerStore
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    B, Hkv, G, D = 1, 2, 4, 64
+    gen = torch.Generator().manual_seed(7)
+    store = LayerStore(CacheConfig.parse("K4V2+s4w8"), layer=3, head_dim=D, span=40)
+    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2).to(dtype).to(DEV)  # noqa: E731
+    store.update(kv(50), kv(50))
+    for steps in (3, 300):  # history dropped from its front; then compacted
+        for _ in range(steps):
+            store.update(kv(1), kv(1))
+        assert store.held == 39 and store.encoded_tokens == 31
+        q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(dtype).to(DEV)
+        view = store.update(kv(1), kv(1))
+        fast, ops_path = view.attend(q, D ** -0.5, kernel=True), view.attend(q, D ** -0.5, kernel=False)
+        err = ((fast.double() - ops_path.double()).norm() / ops_path.double().norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 1.5e-2), err
+    from tq_core.kvstore import BLOCK
+
+    # 304 tokens dropped in all, but the buffers were compacted (start moved back) and not grown
+    assert store.hist_k.start < 304 and store.hist_k.capacity <= 31 + 1 + BLOCK
+
+
 def test_attention_step_refuses_what_it_cannot_take():
     from tq_core.kernels.triton import decode_step as ds
 

@@ -738,3 +738,80 @@ def test_torch_and_mlx_stores_agree():
         assert a[name].dtype == b[name].dtype, name
     for name in ("hist_k.codes", "hist_v.codes"):
         assert np.mean(a[name] != b[name]) < 1e-3
+
+
+# ----------------------------------------------------------------------------- sliding-window layers (span)
+SPAN_CHUNKS = [[1] * 60, [5] * 12, [13, 1, 1, 30, 15], [60]]
+
+
+@pytest.mark.parametrize("lib", ALL_LIBS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("chunks", SPAN_CHUNKS, ids=lambda c: f"chunks={len(c)}x{c[0]}")
+def test_span_store_holds_what_a_full_store_holds_of_its_last_positions(lib, method, chunks):
+    """A sliding-window layer (span 12) holds exactly the last span - 1 positions of what a
+    full-attention store of the same config without sinks holds: the same 16-bit window, the
+    same codes for the encoded ones (tokens dropped before they were encoded never are); no
+    sinks; and each call's view is those positions plus the call's own tokens."""
+    span = 12
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=5, method=method)
+    full, slide = LayerStore(cfg.replace(sinks=0), 1, D), LayerStore(cfg, 1, D, span=span)
+    k, v = _data(sum(chunks), 40)
+    start = 0
+    for n in chunks:
+        kk, vv = _to(lib, k[:, :, start:start + n]), _to(lib, v[:, :, start:start + n])
+        ref = _dense(full.update(kk, vv), kk, vv)
+        got = _dense(slide.update(kk, vv), kk, vv)
+        before = min(start, span - 1)  # what the sliding layer held before the call
+        for r, g in zip(ref, got):
+            assert g.shape[2] == before + n
+            np.testing.assert_array_equal(g, r[:, :, r.shape[2] - before - n:])
+        start += n
+        assert slide.held == min(start, span - 1) and slide.sink_k is None
+        assert slide.encoded_tokens == max(0, min(start, span - 1) - 5)
+    assert slide.length == start == full.length
+
+
+@pytest.mark.parametrize("lib", ALL_LIBS)
+def test_span_store_bytes_stay_bounded(lib):
+    """Streaming many tokens one at a time: capacity stays within the held tokens and a block
+    (the buffers are compacted, not grown), and bytes held do not grow with the length."""
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=8)
+    store = LayerStore(cfg, 0, D, span=40)
+    k, v = _data(700, 41)
+    sizes = []
+    for t in range(700):
+        store.update(_to(lib, k[:, :, t:t + 1]), _to(lib, v[:, :, t:t + 1]))
+        if t >= 400:
+            sizes.append(sum(store.nbytes().values()) - store.nbytes()["spare"])
+    assert store.held == 39 and store.encoded_tokens == 31
+    assert store.hist_k.capacity <= 31 + 2 * kvstore.BLOCK
+    assert len(set(sizes)) == 1
+
+
+@pytest.mark.parametrize("lib", ALL_LIBS)
+@pytest.mark.parametrize("groups", [1, 3])
+def test_span_store_attend_matches_dense_reference(lib, groups):
+    """Decode steps over a sliding-window layer: attention over what it holds (no mask needed: it
+    holds only the span) equals a float64 softmax over the last span positions."""
+    span, heads = 20, 2
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=6)
+    store = LayerStore(cfg, 1, D, span=span)
+    k, v = _data(60, 42, heads)
+    store.update(_to(lib, k[:, :, :50]), _to(lib, v[:, :, :50]))
+    rng = np.random.default_rng(43)
+    for t in range(50, 60):
+        kk, vv = _to(lib, k[:, :, t:t + 1]), _to(lib, v[:, :, t:t + 1])
+        view = store.update(kk, vv)
+        assert view.history == span - 1 - 6
+        q = rng.standard_normal((B, heads * groups, 1, D)).astype(np.float32)
+        keys, values = (x.astype(np.float64) for x in _dense(view, kk, vv))
+        assert keys.shape[2] == span
+        ref = _reference(q.astype(np.float64), keys, values, D ** -0.5, _causal(span, 1))
+        np.testing.assert_allclose(_np(view.attend(_to(lib, q), D ** -0.5)), ref, rtol=0, atol=ATTEND_ATOL)
+
+
+def test_span_must_be_a_window():
+    with pytest.raises(ValueError, match="span must be 0"):
+        LayerStore(CFG, 0, D, span=1)
+    with pytest.raises(ValueError, match="span must be a non-negative int"):
+        LayerStore(CFG, 0, D, span=-3)

@@ -13,6 +13,12 @@ history, which is never re-encoded. The history lives in preallocated buffers pe
 ``(batch, kv_heads, capacity, *field shape)``, that grow by blocks (amortized O(1) per token, no
 per-token concatenation); ``reserve(tokens)`` sizes them up front.
 
+A sliding-window layer (``span``: each query reads itself and the ``span - 1`` positions before it)
+holds no sinks and at most ``span - 1`` positions: tokens that fall out of the span are dropped
+from the front of the history (tokens that would leave it at once are never encoded), and the
+buffers are compacted when they fill, so bytes stay bounded like the host library's own sliding
+cache.
+
 ``update(k, v)`` stores new tokens and returns a ``View``: the cache as it stood before the call
 plus this call's own tokens in full precision. ``View.dense()`` is the reference path (history
 decoded into the original space, what a host library's own attention reads); ``View.attend(q)``
@@ -33,13 +39,24 @@ BLOCK = 256  # history buffers grow in multiples of this many tokens ...
 GROWTH = 16  # ... and by at least 1/GROWTH of their capacity: amortized O(1), <= 6.25 % spare
 
 
+def _blocks(tokens: int) -> int:
+    """``tokens`` rounded up to whole blocks."""
+    return -(-tokens // BLOCK) * BLOCK
+
+
 class History:
     """The encoded tokens of one kind (K or V): the codec's fields in preallocated buffers."""
 
     def __init__(self, codec):
         self.codec = codec
-        self.buffers: dict | None = None  # field -> (B, H, capacity, *trailing); the first n are held
+        self.buffers: dict | None = None  # field -> (B, H, capacity, *trailing); [start, n) are held
+        self.start = 0  # tokens dropped from the front (a sliding-window layer), not yet compacted away
         self.n = 0
+
+    @property
+    def held(self) -> int:
+        """Encoded tokens held."""
+        return self.n - self.start
 
     @property
     def capacity(self) -> int:
@@ -50,7 +67,7 @@ class History:
         ``n`` moves on only when they are written (``write``, or a caller's fused encode and ``n += t``)."""
         t = x.shape[2]
         if self.n + t > self.capacity:
-            self._grow(x, self.n + t)
+            self._grow(x, self.held + t)
         return {name: buf[:, :, self.n:self.n + t] for name, buf in self.buffers.items()}
 
     def write(self, x, views: dict | None = None) -> None:
@@ -68,22 +85,34 @@ class History:
         if tokens > self.capacity:
             self._grow(like, tokens, exact=True)
 
+    def drop(self, t: int) -> None:
+        """Stop holding the ``t`` oldest encoded tokens (a sliding-window layer's span moved on);
+        their slots are reclaimed when the buffers are next compacted."""
+        self.start += max(0, min(t, self.held))
+
     def _grow(self, like, need: int, exact: bool = False) -> None:
+        """Buffers for ``need`` tokens, the held ones copied to their front. After drops (a sliding
+        layer) they keep their capacity when it leaves a block spare, so compaction copies the held
+        tokens at most once per block of new ones."""
         ops = for_array(like)
-        cap = need if exact else -(-max(need, self.capacity + self.capacity // GROWTH) // BLOCK) * BLOCK
-        b, h = like.shape[0], like.shape[1]
+        if exact:
+            cap = need
+        elif self.start:
+            cap = max(self.capacity, need + BLOCK)
+        else:
+            cap = _blocks(max(need, self.capacity + self.capacity // GROWTH))
+        b, h, held = like.shape[0], like.shape[1], self.held
         new = {}
         for name, (trailing, dtype) in self.codec.fields().items():
             buf = ops.empty((b, h, cap) + tuple(trailing), getattr(ops, dtype), like)
-            if self.buffers is not None and self.n:
-                buf[:, :, :self.n] = self.buffers[name][:, :, :self.n]
+            if self.buffers is not None and held:
+                buf[:, :, :held] = self.buffers[name][:, :, self.start:self.n]
             new[name] = buf
-        self.buffers = new
+        self.buffers, self.start, self.n = new, 0, held
 
-    def parts(self, n: int | None = None) -> dict:
-        """Views of the first ``n`` (default: all held) tokens of every field, (B, H, n, *trailing)."""
-        n = self.n if n is None else n
-        return {name: buf[:, :, :n] for name, buf in (self.buffers or {}).items()}
+    def parts(self) -> dict:
+        """Views of the held tokens of every field, (B, H, held, *trailing)."""
+        return {name: buf[:, :, self.start:self.n] for name, buf in (self.buffers or {}).items()}
 
     def nbytes(self) -> dict:
         """Bytes of each field's held tokens, and ``spare``: capacity allocated beyond them."""
@@ -91,7 +120,7 @@ class History:
         for name, buf in (self.buffers or {}).items():
             ops = for_array(buf)
             total = ops.nbytes(buf)
-            used = total * self.n // buf.shape[2]
+            used = total * self.held // buf.shape[2]
             out[name] = used
             spare += total - used
         out["spare"] = spare
@@ -118,15 +147,23 @@ class LayerStore:
         attention: how ``View.attend`` reads the history: "auto" (a fused kernel for the device when
             one exists, else array ops in the method's space), "ops" (array ops only), or
             "reference" (the integrations hand attention the decoded history, ``View.dense``).
+        span: 0 for a full-attention layer; for a sliding-window layer, the positions each query
+            reads (itself and the ``span - 1`` before it, the host library's ``sliding_window``).
+            Such a layer holds no sinks (they leave its span), keeps ``min(window, span - 1)``
+            positions in full precision and at most ``span - 1`` in all.
     """
 
     def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False,
-                 head_dim_v: int | None = None, attention: str = "auto", lead: int = 0):
+                 head_dim_v: int | None = None, attention: str = "auto", lead: int = 0, span: int = 0):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.config = config
         check_count("lead", lead)
-        self.lead = lead if config.sinks else 0  # no sinks: padding is held like any other token
+        if check_count("span", span) == 1:
+            raise ValueError("span must be 0 (full attention) or a sliding window of at least 2 positions, got 1")
+        self.span = span
+        self.window = min(config.window, span - 1) if span else config.window
+        self.lead = lead if config.sinks and not span else 0  # no sinks: padding is held like any other token
         self.simulate = simulate
         self.attention = attention
         method = methods.get(config.method)
@@ -177,7 +214,9 @@ class LayerStore:
 
     def reserve(self, k_like, tokens: int) -> None:
         """Preallocate the history for a cache that will hold ``tokens`` tokens in all."""
-        enc = max(0, tokens - self.sinks - self.config.window)
+        if self.span:
+            tokens = min(tokens, self.span - 1) + BLOCK  # and a block to drop and compact by
+        enc = max(0, tokens - self.sinks - self.window)
         if enc:
             self.hist_k.reserve(k_like, enc)
             self.hist_v.reserve(k_like, enc)
@@ -200,9 +239,16 @@ class LayerStore:
                 return
         win_k = _append(ops, self.win_k, k)
         win_v = _append(ops, self.win_v, v)
-        spill = win_k.shape[2] - self.config.window
+        spill = win_k.shape[2] - self.window
         if spill > 0:
-            self._hold(win_k[:, :, :spill], win_v[:, :, :spill])
+            old_k, old_v = win_k[:, :, :spill], win_v[:, :, :spill]
+            if self.span:  # the history keeps what the span still reads: drop, and never encode, the rest
+                room = self.span - 1 - self.window
+                old_k, old_v = old_k[:, :, spill - min(spill, room):], old_v[:, :, spill - min(spill, room):]
+                for hist in (self.hist_k, self.hist_v):
+                    hist.drop(hist.held + old_k.shape[2] - room)
+            if old_k.shape[2]:
+                self._hold(old_k, old_v)
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None
@@ -233,8 +279,15 @@ class LayerStore:
 
     @property
     def sinks(self) -> int:
-        """Positions the sink region holds once full: the config's sinks after ``lead`` padding."""
-        return self.config.sinks + self.lead
+        """Positions the sink region holds once full: the config's sinks after ``lead`` padding
+        (none in a sliding-window layer)."""
+        return 0 if self.span else self.config.sinks + self.lead
+
+    @property
+    def held(self) -> int:
+        """Positions held: every one stored, or for a sliding-window layer the last ``span - 1``."""
+        return ((0 if self.sink_k is None else self.sink_k.shape[2]) + self.hist_k.held
+                + (0 if self.win_k is None else self.win_k.shape[2]))
 
     # ---- accounting ------------------------------------------------------------------------
     def nbytes(self) -> dict:
@@ -253,7 +306,7 @@ class LayerStore:
 
     @property
     def encoded_tokens(self) -> int:
-        return self.hist_k.n
+        return self.hist_k.held
 
     def _held_shape(self) -> tuple:
         """(batch, kv_heads) of what the store holds, (0, 0) while empty."""

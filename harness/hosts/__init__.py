@@ -96,6 +96,15 @@ def check_shape_only(config) -> None:
                           "cache has no model to build it for")
 
 
+def check_sliding(config, sliding_layers: int, model_name: str) -> None:
+    """Refuse ``sw=codes`` for a model without sliding-window layers, where it is the same cache as
+    the config without it: ``Unsupported`` (the harness skips with the reason, so the run does not
+    measure one cache twice under two labels)."""
+    if config is not None and config.sliding == "codes" and not sliding_layers:
+        raise Unsupported(f"{config.label}: {model_name} has no sliding-window layers, so sw=codes is the same cache "
+                          f"as {config.replace(sliding='keep').label}")
+
+
 # Leaf names (attribute or dict key) that hold a quantizer's scales or zero points, wherever they sit:
 # optimum-quanto's QTensor ``_scale``/``_shift``, HQQ's meta ``scale``/``zero``, mlx's ``scales``/``biases``.
 LEAF_PARTS = {"_scale": "scales", "scale": "scales", "scales": "scales",

@@ -16,7 +16,7 @@ from tq_core.integrations import mlx_lm  # noqa: E402
 
 from mlx_lm.models.cache import QuantizedKVCache  # noqa: E402
 
-from . import Model, check_shape_only, peer_method, tensor_bytes  # noqa: E402
+from . import Model, check_shape_only, check_sliding, peer_method, tensor_bytes  # noqa: E402
 
 
 class MLXHost:
@@ -53,6 +53,7 @@ class MLXHost:
         peer = peer_method(config, simulate)
         if peer is not None:  # another project's cache, as mlx-lm builds it (grows by itself)
             return peer.make_cache(self.lib, m.model, config)
+        check_sliding(config, mlx_lm.sliding_layers(m.model), m.source or "this model")
         return mlx_lm.make_cache(m.model, config, simulate=simulate, reserve=reserve, attention=attention)
 
     def shape_cache(self, layers: int, config=None, reserve: int = 0):

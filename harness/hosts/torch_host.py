@@ -10,7 +10,7 @@ import torch
 
 from tq_core.integrations import hf
 
-from . import Model, check_shape_only, peer_method, tensor_bytes
+from . import Model, check_shape_only, check_sliding, peer_method, tensor_bytes
 
 
 def quantized_held(layers: list[dict], tokens: int) -> dict:
@@ -60,6 +60,7 @@ class TorchHost:
         peer = peer_method(config, simulate)
         if peer is not None:  # another project's cache, as transformers builds it (grows by itself)
             return peer.make_cache(self.lib, m.model, config)
+        check_sliding(config, hf.sliding_layers(m.model), m.source or "this model")
         return hf.make_cache(m.model, config, simulate=simulate, reserve=reserve, attention=attention)
 
     def shape_cache(self, layers: int, config=None, reserve: int = 0):

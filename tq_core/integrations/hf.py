@@ -40,6 +40,7 @@ class TurboQuantLayer(_cu.DynamicLayer):
     """One full-attention layer whose history is held by a KV method (``LayerStore``)."""
 
     is_croppable = False
+    span = 0  # full attention
 
     def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False, attn_config=None,
                  attention: str = "auto", left_padding: int = 0):
@@ -57,7 +58,7 @@ class TurboQuantLayer(_cu.DynamicLayer):
         self.device = key_states.device
         self.store = LayerStore(self.tq_config, self.layer_idx, key_states.shape[-1], simulate=self.simulate,
                                 head_dim_v=value_states.shape[-1], attention=self.attention,
-                                lead=self.left_padding)
+                                lead=self.left_padding, span=self.span)
         if self.reserved:
             self.store.reserve(key_states, self.reserved)
         # Empty placeholders: transformers code may read `.keys`/`.values`; nothing is held there.
@@ -98,6 +99,28 @@ class TurboQuantLayer(_cu.DynamicLayer):
         if self.store is not None and self.store.length:
             self.store.select_batch(torch.arange(self.store.batch_size).repeat_interleave(repeats))
 
+
+class TurboQuantSlidingLayer(TurboQuantLayer):
+    """One sliding-window layer held by a KV method: like transformers' ``DynamicSlidingWindowLayer``
+    it holds the last ``sliding_window - 1`` positions (``LayerStore``'s ``span``) and gives the
+    attention mask the same sizes, so the model's sliding mask reads what it holds."""
+
+    is_sliding = True
+
+    def __init__(self, config: CacheConfig, layer_idx: int, sliding_window: int, **kwargs):
+        super().__init__(config, layer_idx, **kwargs)
+        self.sliding_window = self.span = sliding_window
+
+    @property
+    def cumulative_length(self) -> int:
+        return self.get_seq_length()
+
+    # The library's own mask sizes (kv length and offset) for the positions this layer holds.
+    get_mask_sizes = _cu.DynamicSlidingWindowLayer.get_mask_sizes
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
             "TurboQuantCache cannot crop: history is held encoded (assisted decoding is not supported)")
@@ -112,8 +135,10 @@ class TurboQuantLayer(_cu.DynamicLayer):
 class TurboQuantCache(_cu.Cache):
     """A transformers ``Cache`` whose full-attention layers hold K/V through a KV method.
 
-    Full-attention layers are compressed; other layer types (sliding-window, chunked, linear)
-    keep transformers' own dynamic layers, so such models work instead of being refused.
+    Full-attention layers are compressed; so are sliding-window layers (holding only their window,
+    ``TurboQuantSlidingLayer``) when the config's ``sliding`` is "codes"; other layer types
+    (sliding by default, chunked, linear) keep transformers' own dynamic layers, so such models
+    work instead of being refused.
 
     Args:
         model_config: the model's config (``model.config``), used for layer types and to read the
@@ -157,15 +182,22 @@ class TurboQuantCache(_cu.Cache):
         layer_types, per_layer = _cu.get_layer_types_and_kwargs(text)
         if isinstance(per_layer, dict):  # transformers 5.17: one kwargs dict shared by all layers
             per_layer = [per_layer] * len(layer_types)
-        layers = [
-            self._layer(i) if kind == "full_attention" else _cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
-            for i, (kind, kw) in enumerate(zip(layer_types, per_layer))
-        ]
+        layers = []
+        for i, (kind, kw) in enumerate(zip(layer_types, per_layer)):
+            window = kw.get("sliding_window") or getattr(text, "sliding_window", None)
+            if kind == "full_attention":
+                layers.append(self._layer(i))
+            elif kind == "sliding_attention" and self.tq_config.sliding == "codes" and window:
+                layers.append(self._layer(i, window))
+            else:
+                layers.append(_cu.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
 
-    def _layer(self, i: int) -> TurboQuantLayer:
-        layer = TurboQuantLayer(self.tq_config, i, self.simulate, self.attn_config, self.attention,
-                                self.left_padding)
+    def _layer(self, i: int, sliding_window: int = 0) -> TurboQuantLayer:
+        kw = dict(simulate=self.simulate, attn_config=self.attn_config, attention=self.attention,
+                  left_padding=self.left_padding)
+        layer = (TurboQuantSlidingLayer(self.tq_config, i, sliding_window, **kw) if sliding_window
+                 else TurboQuantLayer(self.tq_config, i, **kw))
         layer.reserved = self.reserved
         return layer
 
@@ -214,6 +246,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     view = getattr(key, _VIEW, None)
+    if view is not None and kwargs.get("sliding_window") is not None and kwargs["sliding_window"] == view.store.span:
+        kwargs = {**kwargs, "sliding_window": None}  # the layer holds just its window; the mask does the rest
     if view is not None and (dropout or kwargs.get("output_attentions")
                              or any(kwargs.get(k) is not None for k in _UNSUPPORTED)):
         key, value = view.dense(key.dtype, value.dtype)
@@ -287,6 +321,12 @@ def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int 
                attention: str = "auto", left_padding: int = 0) -> TurboQuantCache:
     return TurboQuantCache(model.config, config=config, simulate=simulate, reserve=reserve, attention=attention,
                            left_padding=left_padding)
+
+
+def sliding_layers(model) -> int:
+    """How many of ``model``'s layers are sliding-window attention (transformers' layer types)."""
+    layer_types, _ = _cu.get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    return sum(kind == "sliding_attention" for kind in layer_types)
 
 
 def is_model(model) -> bool:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import sys
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, create_attention_mask
 
 from ..config import CacheConfig
 from ..kvstore import LayerStore
@@ -38,8 +39,9 @@ class TurboQuantMLXCache(_BaseCache):
     """
 
     def __init__(self, config: CacheConfig, layer_idx: int, simulate: bool = False, module=None,
-                 reserve: int = 0, attention: str = "auto"):
+                 reserve: int = 0, attention: str = "auto", span: int = 0):
         self.tq_config = config
+        self.span = span  # a sliding-window layer's window (mlx-lm's RotatingKVCache max_size); 0: full
         self.layer_idx = layer_idx
         self.simulate = simulate
         self.attention = attention
@@ -52,7 +54,7 @@ class TurboQuantMLXCache(_BaseCache):
     def update_and_fetch(self, keys, values):
         if self.store is None:
             self.store = LayerStore(self.tq_config, self.layer_idx, keys.shape[-1], simulate=self.simulate,
-                                    head_dim_v=values.shape[-1], attention=self.attention)
+                                    head_dim_v=values.shape[-1], attention=self.attention, span=self.span)
             if self.reserved:
                 self.store.reserve(keys, self.reserved)
         view = self.store.update(keys, values)
@@ -68,8 +70,15 @@ class TurboQuantMLXCache(_BaseCache):
         return (not self.simulate and self.attention != "reference" and self.module is not None
                 and _installed(self.module))
 
-    def make_mask(self, *args, **kwargs):
-        return create_attention_mask(*args, offset=self.offset, **kwargs)
+    def make_mask(self, N: int, window_size=None, return_array: bool = False):
+        """The mask over what this layer holds and ``N`` new positions. A sliding-window layer holds only
+        its last ``span - 1`` positions: one new token reads them all; more, their causal window."""
+        if not self.span:
+            return create_attention_mask(N, offset=self.offset, return_array=return_array, window_size=window_size)
+        if N == 1:
+            return None
+        held = 0 if self.store is None else self.store.held
+        return create_causal_mask(N, held, window_size=window_size or self.span)
 
     def size(self):
         return self.offset
@@ -138,15 +147,45 @@ def _installed(module) -> bool:
 
 def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int = 0,
                attention: str = "auto") -> list:
-    """One compressed cache per layer of an mlx-lm model (pass as ``prompt_cache=``); attention reads
-    the codes while ``patch`` has wrapped this model's module, the dense reference otherwise."""
+    """The compressed prompt cache of an mlx-lm model (pass as ``prompt_cache=``); attention reads
+    the codes while ``patch`` has wrapped this model's module, the dense reference otherwise.
+
+    Where mlx-lm makes a plain ``KVCache`` (full attention; every layer of a model without its own
+    ``make_cache``), a compressed layer; where it makes a ``RotatingKVCache`` without kept positions
+    (a sliding-window layer), a compressed layer holding only its window when the config's
+    ``sliding`` is "codes"; any other layer (sliding by default; chunked, linear attention, ...) as
+    mlx-lm makes it."""
     module = _model_module(model)
-    return [TurboQuantMLXCache(config, i, simulate, module=module, reserve=reserve, attention=attention)
-            for i in range(len(model.layers))]
+    own = library_cache(model)
+
+    def layer(i, c):
+        if type(c) is KVCache:
+            span = 0
+        elif type(c) is RotatingKVCache and not c.keep and config.sliding == "codes":
+            span = c.max_size
+        else:
+            return c
+        return TurboQuantMLXCache(config, i, simulate, module=module, reserve=reserve, attention=attention,
+                                  span=span)
+
+    return [layer(i, c) for i, c in enumerate(own)]
+
+
+def library_cache(model) -> list:
+    """The prompt cache mlx-lm makes for ``model`` (its class's ``make_cache`` where it has one, a
+    ``KVCache`` per layer otherwise), whether or not ``patch`` has replaced the model's own."""
+    own = getattr(type(model), "make_cache", None)
+    return own(model) if own is not None else [KVCache() for _ in range(len(model.layers))]
+
+
+def sliding_layers(model) -> int:
+    """How many of ``model``'s layers mlx-lm holds in a sliding-window (``RotatingKVCache``) cache."""
+    return sum(type(c) is RotatingKVCache for c in library_cache(model))
 
 
 def baseline_cache(model) -> list:
-    return [KVCache() for _ in range(len(model.layers))]
+    """The uncompressed baseline: mlx-lm's own prompt cache (sliding-window layers as rotating caches)."""
+    return library_cache(model)
 
 
 def quantized_cache(model, bits: int, group_size: int) -> list:

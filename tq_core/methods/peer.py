@@ -38,6 +38,9 @@ class Peer(Method):
         if config.bits_k not in self.bits:
             raise ValueError(f"bits for {name} must be one of {', '.join(map(str, self.bits))}{self.bits_note}, "
                              f"got {config.bits_k}")
+        if config.sliding != "keep":
+            raise ValueError(f"sliding is not an option of {name}: it holds sliding-window layers as {self.library} "
+                             f"does (got sliding={config.sliding!r})")
         if config.sinks:
             raise ValueError(f"sinks must be 0 for {name} ({self.library} keeps no attention sinks), "
                              f"got {config.sinks}")
