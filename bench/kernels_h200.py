@@ -297,8 +297,15 @@ def encode_table(quick):
         c, b = cent(D, bits)
         codes = torch.empty((N, packing.packed_size(D, bits)), dtype=torch.uint8, device=DEV)
         norms = torch.empty((N,), dtype=torch.float16, device=DEV)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
         configs = [dict(), dict(num_stages=3), dict(block_rows=64, num_warps=4),
-                   dict(programs=132), dict(programs=4 * 132)]
+                   dict(programs=sms), dict(programs=4 * sms),
+                   # two blocks per SM (112 KB of shared memory each), and other tile shapes
+                   dict(block_rows=64, num_warps=4, num_stages=1, programs=2 * sms),
+                   dict(block_rows=64, num_warps=4, num_stages=2, programs=2 * sms),
+                   dict(block_rows=64, num_warps=8, num_stages=1, programs=2 * sms),
+                   dict(block_rows=32, num_warps=4, num_stages=1, programs=2 * sms),
+                   dict(block_rows=128, num_warps=8, num_stages=1, programs=sms)]
         if quick or bits == 3:
             configs = configs[:1]
         for cfg in configs:
