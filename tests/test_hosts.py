@@ -35,3 +35,16 @@ def test_unknown_backend_is_one_clear_error():
 
 def test_one_host_per_backend():
     assert hosts.get("torch-cpu") is hosts.get("torch-cpu")
+
+
+def test_sliding_codes_is_refused_where_there_are_no_sliding_layers():
+    """``sw=codes`` on a model without sliding-window layers is the default cache under another label:
+    refused (the harness skips it with the reason) rather than measured twice."""
+    from tq_core import CacheConfig
+
+    codes = CacheConfig(sliding="codes")
+    with pytest.raises(hosts.Unsupported, match="no sliding-window layers.*same cache as K4V2\\+s4w128"):
+        hosts.check_sliding(codes, 0, "smollm2-135m")
+    hosts.check_sliding(codes, 15, "gemma-3-270m")
+    hosts.check_sliding(CacheConfig(), 0, "smollm2-135m")
+    hosts.check_sliding(None, 0, "smollm2-135m")
