@@ -674,17 +674,20 @@ def test_patch_sliding_window_model(tiny_gemma3, update_spy, view_spy):
     assert view_spy["attend"] == 2 * 4  # the two full-attention layers, over the codes, every step
 
 
-def test_patched_sliding_window_model_matches_reference_path(tiny_gemma3, view_spy):
-    """GQA (4 query heads on 2 KV heads), Gemma's own scaling, sliding layers left to sdpa."""
+@pytest.mark.parametrize("sliding, attending", [("keep", 2), ("codes", 4)], ids=lambda v: f"{v}")
+def test_patched_sliding_window_model_matches_reference_path(tiny_gemma3, view_spy, sliding, attending):
+    """GQA (4 query heads on 2 KV heads), Gemma's own scaling: the same greedy tokens over the codes as
+    through the reference path, with the sliding layers left to sdpa (``keep``) or compressed and read
+    over their codes under the library's sliding mask (``codes``: every layer attends over its codes)."""
     model, kwarg = tiny_gemma3, hf.cache_kwarg(tiny_gemma3)
-    cfg = CacheConfig(bits_k=3, bits_v=2, sinks=2, window=4)
+    cfg = CacheConfig(bits_k=3, bits_v=2, sinks=2, window=4 if sliding == "keep" else 3, sliding=sliding)
     reference = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
     tq_core.patch(model, config=cfg)
     try:
         fast = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
     finally:
         tq_core.unpatch(model)
-    assert view_spy["attend"] == 2 * 12
+    assert view_spy["attend"] == attending * 12
     assert fast == reference
 
 
@@ -712,21 +715,6 @@ def test_sliding_layers_as_codes(tiny_gemma3):
         assert _tiny_generate(model, 12) == baseline
     finally:
         tq_core.unpatch(model)
-
-
-def test_patched_sliding_layers_as_codes_match_reference_path(tiny_gemma3, view_spy):
-    """Over the codes, sliding layers included (their mask is the library's sliding one), the same
-    greedy tokens as the reference path; every layer attends over its codes at every step."""
-    model, kwarg = tiny_gemma3, hf.cache_kwarg(tiny_gemma3)
-    cfg = CacheConfig(bits_k=3, bits_v=2, sinks=2, window=3, sliding="codes")
-    reference = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
-    tq_core.patch(model, config=cfg)
-    try:
-        fast = _tiny_generate(model, 12, **{kwarg: hf.TurboQuantCache(model.config, config=cfg)})
-    finally:
-        tq_core.unpatch(model)
-    assert view_spy["attend"] == 4 * 12
-    assert fast == reference
 
 
 # ------------------------------------------------------------------ beam search

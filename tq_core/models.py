@@ -24,7 +24,9 @@ reference text).  ``ensure_local`` therefore always writes a top-level
 Model specs accepted everywhere: ``None`` or the alias (the converted default),
 a local directory (used as is), a local ``.gguf`` file (converted once like the
 default, into ``cache_dir()/models/<file stem>-<sha256[:12]>/``, keyed by the
-file's content; offline), or anything else, taken as a Hugging Face hub id and
+file's content; offline), the name of a model of ``tq_core.model_sources``
+(``gemma-3-270m``, ...: its GGUF, fetched beforehand with ``tq fetch NAME``,
+converted once like any local GGUF; never downloaded here), or anything else, taken as a Hugging Face hub id and
 handed to ``from_pretrained`` unchanged (works only if it is already in the
 local HF cache or the network is available; this module never downloads).
 ``check(spec, option)`` refuses a spec that cannot name a model -- a missing
@@ -563,6 +565,8 @@ def ensure_local(model: str | os.PathLike | None = None) -> pathlib.Path | str:
     * an existing local directory: returned as a Path, untouched.
     * a local GGUF file: converted once into ``cache_dir()/models/<stem>-<sha256[:12]>/``
       (``ValueError`` if transformers cannot load it); returns that Path.
+    * the name of a ``tq_core.model_sources`` entry: its fetched GGUF, converted the same way
+      (``FileNotFoundError`` saying which ``tq fetch`` to run when it is not fetched yet).
     * anything else: a Hugging Face hub id, returned as a ``str`` unchanged
       (never downloaded here).
     """
@@ -570,6 +574,9 @@ def ensure_local(model: str | os.PathLike | None = None) -> pathlib.Path | str:
         return _ensure_default()
     if isinstance(model, str) and model.strip().lower() in ALIASES:
         return _ensure_default()
+    fetched = _fetched(model)
+    if fetched is not None:
+        return _ensure_gguf(fetched)
     path = pathlib.Path(model).expanduser()
     if path.is_dir():
         return path
@@ -583,6 +590,20 @@ def ensure_local(model: str | os.PathLike | None = None) -> pathlib.Path | str:
     return str(model)
 
 
+def _fetched(model) -> pathlib.Path | None:
+    """The fetched GGUF of a ``tq_core.model_sources`` name (None for any other spec);
+    ``FileNotFoundError`` with the ``tq fetch`` command when that model is not fetched yet."""
+    from . import model_sources
+
+    source = model_sources.find(model)
+    if source is None:
+        return None
+    path = model_sources.local(source.name)
+    if path is None:
+        raise FileNotFoundError(model_sources.fetch_hint(source.name))
+    return path
+
+
 def _looks_like_path(model) -> bool:
     text = str(model)
     return (isinstance(model, os.PathLike) or text.startswith((".", "/", "~", os.sep))
@@ -592,11 +613,16 @@ def _looks_like_path(model) -> bool:
 def check(model: str | os.PathLike | None, option: str = "--model") -> None:
     """Refuse, before anything loads, a model spec that cannot name a model: one ``ValueError``
     line naming ``option`` (a missing path, a file that is neither a folder nor GGUF, a GGUF
-    transformers cannot load). Cheap: a GGUF already converted is not read again, otherwise only
-    its header; hub ids and folders pass (their load says what is wrong)."""
+    transformers cannot load, a ``tq_core.model_sources`` name not fetched yet: the ``tq fetch`` to
+    run). Cheap: a GGUF already converted is not read again, otherwise only its header; hub ids and
+    folders pass (their load says what is wrong)."""
     if model is None or (isinstance(model, str) and model.strip().lower() in ALIASES):
         return
-    path = pathlib.Path(model).expanduser()
+    try:
+        fetched = _fetched(model)
+    except OSError as e:  # not fetched yet, or an unusable TQ_CACHE_DIR
+        raise ValueError(f"{option} {model}: {e}") from None
+    path = fetched or pathlib.Path(model).expanduser()
     if path.is_dir():
         return
     problem = None
