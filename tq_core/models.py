@@ -574,7 +574,7 @@ def ensure_local(model: str | os.PathLike | None = None) -> pathlib.Path | str:
         return _ensure_default()
     if isinstance(model, str) and model.strip().lower() in ALIASES:
         return _ensure_default()
-    fetched = _fetched(model)
+    fetched = fetched_gguf(model)
     if fetched is not None:
         return _ensure_gguf(fetched)
     path = pathlib.Path(model).expanduser()
@@ -590,7 +590,7 @@ def ensure_local(model: str | os.PathLike | None = None) -> pathlib.Path | str:
     return str(model)
 
 
-def _fetched(model) -> pathlib.Path | None:
+def fetched_gguf(model) -> pathlib.Path | None:
     """The fetched GGUF of a ``tq_core.model_sources`` name (None for any other spec);
     ``FileNotFoundError`` with the ``tq fetch`` command when that model is not fetched yet."""
     from . import model_sources
@@ -619,7 +619,7 @@ def check(model: str | os.PathLike | None, option: str = "--model") -> None:
     if model is None or (isinstance(model, str) and model.strip().lower() in ALIASES):
         return
     try:
-        fetched = _fetched(model)
+        fetched = fetched_gguf(model)
     except OSError as e:  # not fetched yet, or an unusable TQ_CACHE_DIR
         raise ValueError(f"{option} {model}: {e}") from None
     path = fetched or pathlib.Path(model).expanduser()

@@ -221,13 +221,18 @@ class LlamaCppHost:
 
 def gguf_path(source):
     """The GGUF file llama.cpp loads for a ``--tq-model`` value: the default model's file for None or
-    its alias, else ``source`` when it is a GGUF file; one ValueError naming the option otherwise."""
+    its alias, a fetched model's (``tq_core.model_sources``; FileNotFoundError with the ``tq fetch``
+    command when it is not fetched), else ``source`` when it is a GGUF file; one ValueError naming
+    the option otherwise."""
     import pathlib
 
     from tq_core import models
 
     if source is None or (isinstance(source, str) and source.strip().lower() in models.ALIASES):
         return models.locate_gguf()
+    fetched = models.fetched_gguf(source)
+    if fetched is not None:
+        return fetched
     path = pathlib.Path(source).expanduser()
     if path.is_file() and models.is_gguf(path):
         return path
