@@ -142,10 +142,15 @@ def test_a_new_model_runs_every_suite_then_calibrates(tiny_model, tmp_path):
         if r["suite"] in ("perplexity", "generation", "needle", "attention") and r["metric"] != "host_load_1m":
             assert r["labels"].get("model") == MODEL_NAME, r
 
-    # Sliding layers are counted in bytes held and excluded from the code-level checks.
+    # Sliding layers are counted in bytes held (kept by default, encoded with sw=codes) and excluded
+    # from the code-level checks.
     mem = [r for r in data["records"] if r["suite"] == "memory" and r["metric"] == "bytes_held"
            and r["labels"]["model"] == MODEL_NAME]
-    assert mem and all(r["labels"]["layers_compressed"] == 2 and r["labels"]["layers_uncompressed"] == 2 for r in mem)
+    kept = [r for r in mem if not r["labels"]["config"].endswith("+sw=codes")]
+    codes = [r for r in mem if r["labels"]["config"].endswith("+sw=codes")]
+    assert kept and all(r["labels"]["layers_compressed"] == 2 and r["labels"]["layers_uncompressed"] == 2 for r in kept)
+    assert codes and all(r["labels"]["layers_compressed"] == 4 and r["labels"]["layers_uncompressed"] == 0
+                         for r in codes)
     attn_layers = {r["labels"]["layer"] for r in data["records"] if r["metric"] == "attn_cos_mean"}
     assert attn_layers == {1, 3}
     assert {r["labels"].get("prefill") for r in data["records"] if r["suite"] == "needle"} == {"direct"}

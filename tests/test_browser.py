@@ -82,11 +82,11 @@ def test_latest_real_results_render_clean(tmp_path):
 
 
 def test_h200_pages_say_what_each_run_was(pages):
-    """The cuda target's headline is its complete nightly run (f1a4764, 212 passed); its run history
+    """The cuda target's headline is its newest complete nightly run (8ba78d2, 187 passed); its run history
     lists the older speed-only runs as partial and the recovered nightly run of abd0d88 as incomplete
     with its 60 tests; the speed run's page draws the speed section."""
     dom = browser.check(pages["h200:index.html"]).dom
-    assert "f1a4764072" in dom and "212 passed" in dom and "tier nightly" in dom
+    assert "8ba78d27d0" in dom and "187 passed" in dom and "tier nightly" in dom
     target = browser.check(pages["h200:cuda/index.html"]).dom
     assert "INCOMPLETE" in target and "PARTIAL" in target
     assert "incomplete (60 tests: memory, mse, perplexity, generation, needle)" in target

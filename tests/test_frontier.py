@@ -22,7 +22,8 @@ from reports import browser, frontier, render, runs, site, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = ROOT / "reports" / "results" / "cuda"
-CUDA_COMPLETE = CUDA / "20261201T000445_f1a4764.json"  # H200, nightly tier, complete (the cuda headline)
+CUDA_COMPLETE = CUDA / "20261201T000445_f1a4764.json"  # H200, nightly tier, complete
+CUDA_HEADLINE = CUDA / "20261201T081006_8ba78d27d0.json"  # the newest complete nightly run: the cuda headline
 EXTERNAL = re.compile(r"""(?:src|href|xlink:href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
 PROTOCOL = {"tokens": 1024, "chunk": 1, "mode": "cache"}  # the headline table's protocol in that file (asserted)
 UNIFORM = "uniform:K3V2+s4w128+g=32"  # synthetic: relabelled K3V2+s4w128 records, values changed below
@@ -216,7 +217,7 @@ def test_the_site_target_page_shows_the_headline_runs_frontier(cuda_site):
     page = (cuda_site / "cuda" / "index.html").read_text()
     assert '<h2 id="frontier">Quality per bit</h2>' in page
     sec = page.split('<h2 id="frontier">', 1)[1].split("<h2>Regressions</h2>", 1)[0]
-    assert CUDA_COMPLETE.name in sec and sec.count("<svg") == 3
+    assert CUDA_HEADLINE.name in sec and sec.count("<svg") == 3
     assert len(section(sec, "<tbody>", "</tbody>").split("<tr>")[1:]) == 7
     assert not EXTERNAL.search(page)
     external, broken, _ = browser.links(cuda_site / "cuda" / "index.html", page)

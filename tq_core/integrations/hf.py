@@ -99,6 +99,16 @@ class TurboQuantLayer(_cu.DynamicLayer):
         if self.store is not None and self.store.length:
             self.store.select_batch(torch.arange(self.store.batch_size).repeat_interleave(repeats))
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "TurboQuantCache cannot crop: history is held encoded (assisted decoding is not supported)")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
 
 class TurboQuantSlidingLayer(TurboQuantLayer):
     """One sliding-window layer held by a KV method: like transformers' ``DynamicSlidingWindowLayer``
@@ -120,16 +130,6 @@ class TurboQuantSlidingLayer(TurboQuantLayer):
 
     def get_max_length(self) -> int:
         return self.sliding_window
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "TurboQuantCache cannot crop: history is held encoded (assisted decoding is not supported)")
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
 
 
 class TurboQuantCache(_cu.Cache):
