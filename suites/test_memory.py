@@ -66,10 +66,11 @@ def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, la
 def held_tokens(config, tokens: int, span: int = 0) -> tuple[int, int]:
     """(full-precision, encoded) positions a layer holds after ``tokens``: all of them in a
     full-attention layer (sinks and window in full precision); in a sliding-window layer of
-    ``span``, the last ``span - 1`` (no sinks, the window in full precision)."""
+    ``span``, the last ``span - 1`` (the window in full precision, and the sinks while among them)."""
     if span:
         held = min(tokens, span - 1)
-        fp = min(held, config.window, span - 1)
+        sinks = max(0, min(tokens, config.sinks) - max(0, tokens - (span - 1)))
+        fp = min(held, sinks + min(config.window, span - 1))
     else:
         held = tokens
         fp = min(tokens, config.sinks + config.window)

@@ -749,12 +749,12 @@ SPAN_CHUNKS = [[1] * 60, [5] * 12, [13, 1, 1, 30, 15], [60]]
 @pytest.mark.parametrize("chunks", SPAN_CHUNKS, ids=lambda c: f"chunks={len(c)}x{c[0]}")
 def test_span_store_holds_what_a_full_store_holds_of_its_last_positions(lib, method, chunks):
     """A sliding-window layer (span 12) holds exactly the last span - 1 positions of what a
-    full-attention store of the same config without sinks holds: the same 16-bit window, the
-    same codes for the encoded ones (tokens dropped before they were encoded never are); no
-    sinks; and each call's view is those positions plus the call's own tokens."""
+    full-attention store of the same config holds: the sinks while they are among them (16-bit),
+    the same 16-bit window, the same codes for the encoded ones (tokens dropped before they were
+    encoded never are); each call's view is those positions plus the call's own tokens."""
     span = 12
     cfg = CacheConfig(bits_k=4, bits_v=2, sinks=4, window=5, method=method)
-    full, slide = LayerStore(cfg.replace(sinks=0), 1, D), LayerStore(cfg, 1, D, span=span)
+    full, slide = LayerStore(cfg, 1, D), LayerStore(cfg, 1, D, span=span)
     k, v = _data(sum(chunks), 40)
     start = 0
     for n in chunks:
@@ -766,8 +766,10 @@ def test_span_store_holds_what_a_full_store_holds_of_its_last_positions(lib, met
             assert g.shape[2] == before + n
             np.testing.assert_array_equal(g, r[:, :, r.shape[2] - before - n:])
         start += n
-        assert slide.held == min(start, span - 1) and slide.sink_k is None
-        assert slide.encoded_tokens == max(0, min(start, span - 1) - 5)
+        sinks_held = max(0, 4 - max(0, start - (span - 1)))
+        assert slide.held == min(start, span - 1)
+        assert (0 if slide.sink_k is None else slide.sink_k.shape[2]) == min(start, sinks_held)
+        assert slide.encoded_tokens == max(0, min(start, span - 1) - 5 - min(start, sinks_held))
     assert slide.length == start == full.length
 
 
@@ -783,7 +785,7 @@ def test_span_store_bytes_stay_bounded(lib):
         store.update(_to(lib, k[:, :, t:t + 1]), _to(lib, v[:, :, t:t + 1]))
         if t >= 400:
             sizes.append(sum(store.nbytes().values()) - store.nbytes()["spare"])
-    assert store.held == 39 and store.encoded_tokens == 31
+    assert store.held == 39 and store.encoded_tokens == 31 and store.sink_k is None  # the sinks left the span
     assert store.hist_k.capacity <= 31 + 2 * kvstore.BLOCK
     assert len(set(sizes)) == 1
 

@@ -14,10 +14,9 @@ history, which is never re-encoded. The history lives in preallocated buffers pe
 per-token concatenation); ``reserve(tokens)`` sizes them up front.
 
 A sliding-window layer (``span``: each query reads itself and the ``span - 1`` positions before it)
-holds no sinks and at most ``span - 1`` positions: tokens that fall out of the span are dropped
-from the front of the history (tokens that would leave it at once are never encoded), and the
-buffers are compacted when they fill, so bytes stay bounded like the host library's own sliding
-cache.
+holds at most its last ``span - 1`` positions: the sinks while they are among them, then the
+oldest history; tokens that would leave it at once are never encoded, and the history's buffers
+are compacted when they fill, so bytes stay bounded like the host library's own sliding cache.
 
 ``update(k, v)`` stores new tokens and returns a ``View``: the cache as it stood before the call
 plus this call's own tokens in full precision. ``View.dense()`` is the reference path (history
@@ -149,8 +148,8 @@ class LayerStore:
             "reference" (the integrations hand attention the decoded history, ``View.dense``).
         span: 0 for a full-attention layer; for a sliding-window layer, the positions each query
             reads (itself and the ``span - 1`` before it, the host library's ``sliding_window``).
-            Such a layer holds no sinks (they leave its span), keeps ``min(window, span - 1)``
-            positions in full precision and at most ``span - 1`` in all.
+            Such a layer holds at most its last ``span - 1`` positions: the sinks until they leave
+            them, ``min(window, span - 1)`` in the window, the rest encoded.
     """
 
     def __init__(self, config: CacheConfig, layer: int, head_dim: int, simulate: bool = False,
@@ -229,30 +228,52 @@ class LayerStore:
         # Sinks and window are held in 16 bits whatever the model computes in (its own dtype when
         # that is 16-bit, else bfloat16): a float32 model would otherwise pay double for them.
         k, v = ops.astype(k, ops.residual_dtype(k.dtype)), ops.astype(v, ops.residual_dtype(v.dtype))
-        held = 0 if self.sink_k is None else self.sink_k.shape[2]
-        take = min(self.sinks - held, n)
+        take = min(max(0, self.sinks - (self.length - n)), n)  # positions < sinks are sinks
         if take > 0:
             self.sink_k = _append(ops, self.sink_k, k[:, :, :take])
             self.sink_v = _append(ops, self.sink_v, v[:, :, :take])
             k, v = k[:, :, take:], v[:, :, take:]
-            if k.shape[2] == 0:
-                return
+        if k.shape[2]:
+            self._window(ops, k, v)
+        if self.span:
+            self._trim()
+
+    def _window(self, ops, k, v) -> None:
+        """Append to the window; encode what leaves it into the history (for a sliding-window layer,
+        only what its span still reads: the newest positions are the last to leave it)."""
         win_k = _append(ops, self.win_k, k)
         win_v = _append(ops, self.win_v, v)
         spill = win_k.shape[2] - self.window
         if spill > 0:
             old_k, old_v = win_k[:, :, :spill], win_v[:, :, :spill]
-            if self.span:  # the history keeps what the span still reads: drop, and never encode, the rest
+            if self.span:
                 room = self.span - 1 - self.window
                 old_k, old_v = old_k[:, :, spill - min(spill, room):], old_v[:, :, spill - min(spill, room):]
-                for hist in (self.hist_k, self.hist_v):
-                    hist.drop(hist.held + old_k.shape[2] - room)
+                # make room first, so the history's buffers compact instead of growing
+                n_win = 0 if self.win_k is None else self.win_k.shape[2]
+                self._trim(pending=old_k.shape[2] + self.window - n_win)
             if old_k.shape[2]:
                 self._hold(old_k, old_v)
             win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
         if win_k.shape[2] == 0:
             win_k = win_v = None
         self.win_k, self.win_v = win_k, win_v
+
+    def _trim(self, pending: int = 0) -> None:
+        """A sliding-window layer keeps its last ``span - 1`` positions: drop the oldest beyond them
+        (with ``pending`` more about to be held), sinks first, then the history's front (the window
+        never exceeds them)."""
+        n_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
+        n_win = 0 if self.win_k is None else self.win_k.shape[2]
+        excess = n_sink + self.hist_k.held + n_win + pending - (self.span - 1)
+        if excess <= 0:
+            return
+        drop = min(excess, n_sink)
+        if drop:
+            keep = n_sink - drop
+            self.sink_k, self.sink_v = ((self.sink_k[:, :, drop:], self.sink_v[:, :, drop:]) if keep else (None, None))
+        for hist in (self.hist_k, self.hist_v):
+            hist.drop(excess - drop)
 
     def _hold(self, k, v) -> None:
         """Encode tokens leaving the window into the history: keys and values in one fused launch
@@ -280,8 +301,8 @@ class LayerStore:
     @property
     def sinks(self) -> int:
         """Positions the sink region holds once full: the config's sinks after ``lead`` padding
-        (none in a sliding-window layer)."""
-        return 0 if self.span else self.config.sinks + self.lead
+        (a sliding-window layer drops them once they leave its span)."""
+        return self.config.sinks + self.lead
 
     @property
     def held(self) -> int:
