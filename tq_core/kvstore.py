@@ -162,7 +162,7 @@ class LayerStore:
             raise ValueError("span must be 0 (full attention) or a sliding window of at least 2 positions, got 1")
         self.span = span
         self.window = min(config.window, span - 1) if span else config.window
-        self.lead = lead if config.sinks and not span else 0  # no sinks: padding is held like any other token
+        self.lead = lead if config.sinks else 0  # no sinks: padding is held like any other token
         self.simulate = simulate
         self.attention = attention
         method = methods.get(config.method)
@@ -263,11 +263,10 @@ class LayerStore:
         """A sliding-window layer keeps its last ``span - 1`` positions: drop the oldest beyond them
         (with ``pending`` more about to be held), sinks first, then the history's front (the window
         never exceeds them)."""
-        n_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
-        n_win = 0 if self.win_k is None else self.win_k.shape[2]
-        excess = n_sink + self.hist_k.held + n_win + pending - (self.span - 1)
+        excess = self.held + pending - (self.span - 1)
         if excess <= 0:
             return
+        n_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
         drop = min(excess, n_sink)
         if drop:
             keep = n_sink - drop

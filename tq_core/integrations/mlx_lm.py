@@ -156,19 +156,26 @@ def make_cache(model, config: CacheConfig, simulate: bool = False, reserve: int 
     ``sliding`` is "codes"; any other layer (sliding by default; chunked, linear attention, ...) as
     mlx-lm makes it."""
     module = _model_module(model)
-    own = library_cache(model)
 
     def layer(i, c):
-        if type(c) is KVCache:
-            span = 0
-        elif type(c) is RotatingKVCache and not c.keep and config.sliding == "codes":
-            span = c.max_size
-        else:
+        span = _span(c)
+        if span is None or (span and config.sliding != "codes"):
             return c
         return TurboQuantMLXCache(config, i, simulate, module=module, reserve=reserve, attention=attention,
                                   span=span)
 
-    return [layer(i, c) for i, c in enumerate(own)]
+    return [layer(i, c) for i, c in enumerate(library_cache(model))]
+
+
+def _span(c) -> int | None:
+    """What a compressed layer in place of mlx-lm's cache ``c`` attends over: 0 for a plain
+    ``KVCache`` (full attention), the window for a ``RotatingKVCache`` without kept positions (a
+    sliding-window layer), None for any other (left as mlx-lm makes it)."""
+    if type(c) is KVCache:
+        return 0
+    if type(c) is RotatingKVCache and not c.keep:
+        return c.max_size
+    return None
 
 
 def library_cache(model) -> list:
@@ -179,8 +186,8 @@ def library_cache(model) -> list:
 
 
 def sliding_layers(model) -> int:
-    """How many of ``model``'s layers mlx-lm holds in a sliding-window (``RotatingKVCache``) cache."""
-    return sum(type(c) is RotatingKVCache for c in library_cache(model))
+    """How many of ``model``'s layers are sliding-window layers a compressed cache can hold (``_span``)."""
+    return sum(bool(_span(c)) for c in library_cache(model))
 
 
 def baseline_cache(model) -> list:
