@@ -488,7 +488,7 @@ N_FAST = 32
 # reference at every step on the same codes (the patched path attends over a copy of the
 # reference cache).
 GEN_LABELS = ["K4V2+s0w0", "K3V2+s4w8"]
-FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0"]
+FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0", "K3V2+s4w8+c=1"]
 
 
 def _first_code_difference(cfg: CacheConfig, a, b) -> int | None:

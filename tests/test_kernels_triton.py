@@ -393,6 +393,8 @@ STEP_CASES = [
     ("K4V4+s4w4", "bf16", 1, 2, 8, 50, 2, 64),     # G * Tq = 16 rows
     ("K4V2+s4w8", "fp32", 1, 1, 2, 40, 1, 256),    # head_dim 256 (Gemma-3)
     ("K4V2+s4w8", "fp32", 1, 1, 4, 2200, 1, 64),   # > 16 history splits: the merge takes them in chunks
+    ("K4V2+s4w8+c=1", "fp32", 1, 2, 4, 40, 1, 64),  # centered: own tokens centered, values' center added back
+    ("K4V2+s4w8+c=1", "bf16", 2, 1, 3, 70, 2, 128),
 ]
 
 

@@ -348,7 +348,7 @@ N_FAST = 24
 # K4V2+s0w0 6751 of 72000 K code bytes differ, K3V2+s4w8 243 of 36720), yet the greedy tokens agree;
 # should they part, compare on shared codes as tests/test_hf_cache.py does.
 GEN_LABELS = ["K4V2+s0w0", "K3V2+s4w8"]
-FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0"]
+FAST_LABELS = GEN_LABELS + ["uniform:K4V2+s0w0", "K3V2+s4w8+c=1"]
 
 
 @pytest.mark.parametrize("label", GEN_LABELS)

@@ -92,7 +92,7 @@ class Method:
         from ..config import CacheConfig
 
         default = CacheConfig.__dataclass_fields__
-        for name in ("norm_correction", "group_size", "variant"):
+        for name in ("norm_correction", "center", "group_size", "variant"):
             if name not in self.options and getattr(config, name) != default[name].default:
                 raise ValueError(f"{name} is not an option of method {self.name!r} "
                                  f"(its options: {', '.join(self.options) or 'none'})")

@@ -54,15 +54,18 @@ class TurboQuantCodec(Codec):
 
 class TurboQuant(Method):
     name = "turboquant"
-    options = ("norm_correction",)
+    options = ("norm_correction", "center")
 
     def label_options(self, config) -> list[str]:
-        return [] if config.norm_correction else ["nc=0"]
+        return ([] if config.norm_correction else ["nc=0"]) + (["c=1"] if config.center else [])
 
     def parse_option(self, key: str, value: str) -> dict:
         if key == "nc" and value in ("0", "1"):
             return {"norm_correction": value == "1"}
-        raise ValueError(f"unknown option {key}={value!r} for method 'turboquant' (allowed: nc=0, nc=1, seed=<int>)")
+        if key == "c" and value in ("0", "1"):
+            return {"center": value == "1"}
+        raise ValueError(f"unknown option {key}={value!r} for method 'turboquant' "
+                         "(allowed: nc=0, nc=1, c=0, c=1, seed=<int>)")
 
     def codec(self, config, layer: int, kind: str, dim: int) -> TurboQuantCodec:
         bits = config.bits_k if kind == "k" else config.bits_v
