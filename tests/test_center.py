@@ -1,11 +1,11 @@
-"""Centered keys and values (``CacheConfig.center``, label option ``c=1``; ``tq_core/kvstore.py``).
+"""Centered keys (``CacheConfig.center``, label option ``c=1``; ``tq_core/kvstore.py``).
 
-A centered store holds every key and value minus a per-head mean fixed when tokens first leave the
-window (the first ``window + 1`` positions after the sinks, rounded to 16 bits as the window holds
-them): the same centers whatever the call sizes. Attention is unchanged by a key offset shared by
-all positions, and the values' mean is added back to the output, so ``View.attend`` must still
-agree with a float64 softmax over ``View.dense`` (which adds the centers back), and keys dominated
-by an offset must lose far less to the codes than without centering.
+A centered store holds every key minus a per-head mean fixed when tokens first leave the window
+(the first ``window + 1`` positions after the sinks, rounded to 16 bits as the window holds them):
+the same center whatever the call sizes. Attention is unchanged by a key offset shared by all
+positions, so ``View.attend`` must still agree with a float64 softmax over ``View.dense`` (which adds
+the center back), values are held as without centering, and keys dominated by an offset must lose
+far less to the codes than without centering.
 """
 
 from __future__ import annotations
@@ -61,15 +61,13 @@ def test_centers_are_the_first_positions_mean_whatever_the_chunking(lib, layout)
                 assert "centers" not in store.nbytes()
             store.update(_to(lib, k[:, :, start:start + n]), _to(lib, v[:, :, start:start + n]))
             start += n
-        centers.append((_np(store.center_k), _np(store.center_v)))
-        assert store.nbytes()["centers"] == 2 * B * 2 * D * 4  # float32, one vector per head, K and V
-    for ck, cv in centers:
-        np.testing.assert_array_equal(ck, centers[0][0])
-        np.testing.assert_array_equal(cv, centers[0][1])
+        centers.append(_np(store.center_k))
+        assert store.nbytes()["centers"] == B * 2 * D * 4  # float32, one vector per KV head
+        assert not hasattr(store, "center_v")  # values are held as without centering
+    for ck in centers:
+        np.testing.assert_array_equal(ck, centers[0])
     want_k = _r16(lib, k[:, :, first]).astype(np.float64).mean(2, keepdims=True)
-    want_v = _r16(lib, v[:, :, first]).astype(np.float64).mean(2, keepdims=True)
-    np.testing.assert_allclose(centers[0][0], want_k, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(centers[0][1], want_v, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(centers[0], want_k, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("lib", ALL_LIBS)
@@ -87,8 +85,8 @@ def test_no_centers_before_tokens_leave_the_window(lib):
 @pytest.mark.parametrize("layout", [(4, 8), (0, 0)])
 @pytest.mark.parametrize("held, tq", [(0, 5), (40, 1), (40, 5), (9, 7)])
 def test_centered_attend_matches_dense_reference(lib, groups, layout, held, tq):
-    """Attention over the centered codes (keys with a shifted logit, values plus their center) equals
-    a float64 softmax over what ``dense`` gives back (every part plus its center)."""
+    """Attention over the centered codes (every key's logit shifted alike) equals a float64 softmax
+    over what ``dense`` gives back (every held key plus the center)."""
     sinks, window = layout
     heads = 2
     k, v = _offset_data(held + tq, seed=3 + held + tq, heads=heads)
@@ -110,7 +108,8 @@ def test_centered_attend_matches_dense_reference(lib, groups, layout, held, tq):
 @pytest.mark.parametrize("lib", ALL_LIBS)
 def test_dense_gives_back_the_tokens_held(lib):
     """Sinks and window come back as the originals to 16-bit rounding of what is held (the centered
-    token), the history to the codes' error: the centers are added back, not lost."""
+    key), the history to the codes' error: the center is added back, not lost; values are held
+    exactly as an uncentered store holds them."""
     k, v = _offset_data(60, seed=5)
     store = LayerStore(_cfg(True), 0, D)
     for i in range(60):
@@ -125,6 +124,10 @@ def test_dense_gives_back_the_tokens_held(lib):
     hist = slice(4, 52)
     rel = ((keys[:, :, hist] - k[:, :, hist]) ** 2).sum(-1) / ((k[:, :, hist] - _np(store.center_k)) ** 2).sum(-1)
     assert 0.002 < rel.mean() < 0.03  # 4-bit codes of the centered keys (D_mse 0.0093 at d=64 ± rounding)
+    plain = LayerStore(_cfg(False), 0, D)
+    for i in range(60):
+        plain.update(_to(lib, k[:, :, i:i + 1]), _to(lib, v[:, :, i:i + 1]))
+    np.testing.assert_array_equal(values, _dense(plain.snapshot(), _to(lib, k), _to(lib, v))[1])
 
 
 @pytest.mark.parametrize("lib", LIBS)
@@ -140,7 +143,8 @@ def test_centering_cuts_the_error_of_offset_dominated_keys(lib):
                                        v[:, :, :i + 1].astype(np.float64), scale, True) for i in range(t)], 2)
     err = {}
     for center in (False, True):
-        store = LayerStore(_cfg(center, 4, 8), 0, D)
+        # 8-bit values: their error is the same either way; what is compared is the keys'
+        store = LayerStore(CacheConfig(bits_k=4, bits_v=8, sinks=4, window=8, center=center), 0, D)
         outs = [_np(store.update(_to(lib, k[:, :, i:i + 1]), _to(lib, v[:, :, i:i + 1])).attend(
             _to(lib, q[:, :, i:i + 1]), scale)) for i in range(t)]
         out = np.concatenate(outs, 2)[:, :, 20:]  # where the history is read

@@ -12,7 +12,7 @@ Label grammar::
 ``turboquant`` is the method when none is named. Options appear only when they differ from
 their default, in a fixed order: ``seed=<int>``, ``sw=codes`` (sliding-window layers encoded
 too), then the method's own (TurboQuant: ``nc=0`` for
-norm correction off, ``c=1`` for keys and values held centered; uniform and the peers quanto, hqq, mlxkv: ``g=<group size>``;
+norm correction off, ``c=1`` for keys held centered; uniform and the peers quanto, hqq, mlxkv: ``g=<group size>``;
 llamacpp: ``t=1`` or ``t=nl``, llama.cpp's type family). Examples: ``K4V2+s4w128`` (the default),
 ``K4V2+s0w0`` (the codes alone), ``K4V2+s0w0+nc=0``, ``uniform:K4V2+s4w128+g=32``. When parsing,
 ``+s..w..`` may be left out (the default sinks and window apply).
@@ -59,10 +59,10 @@ class CacheConfig:
     seed: base seed of the per-layer rotations (see ``tq_core.rotation.derive_seed``).
     method: the KV method that encodes the history (``tq_core.methods.METHODS``).
     norm_correction: TurboQuant: store ``|x| / |x_hat_unit|`` so decoded vectors keep their norm.
-    center: TurboQuant (label option ``c=1``): hold keys and values minus a per-head mean fixed
-        when the first tokens leave the window (``tq_core.kvstore``): a key offset shared by every
-        token (a k_proj bias) changes no attention weight but is what the codes would spend their
-        error on. Measured: see README (Known limits, Qwen2.5-Coder-1.5B).
+    center: TurboQuant (label option ``c=1``): hold keys minus a per-head mean fixed when the
+        first tokens leave the window (``tq_core.kvstore``): a key offset shared by every token (a
+        k_proj bias) changes no attention weight but is what the codes would spend their error
+        on. Off by default: it is a per-model choice (README, Known limits and Models).
     group_size: uniform method: channels per scale/zero group (0 = the whole vector); the peers
         quanto, hqq, mlxkv: their group size (0 = the library's default, 64).
     variant: llamacpp method: llama.cpp's type family for 5 and 4 bits ("" q5_0/q4_0, "1" q5_1/q4_1,

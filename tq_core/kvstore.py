@@ -9,13 +9,14 @@ sinks and window would otherwise cost twice the bytes for no measurable gain).
 
 New tokens go to the sinks until ``sinks`` positions are held, then into the window; tokens that
 leave the window are encoded once by the config's method (``tq_core.methods``) and appended to the
-history, which is never re-encoded. With ``CacheConfig.center`` (TurboQuant), every key and value is
-held minus a per-head mean, ``center_k``/``center_v`` (B, H, 1, D), fixed when tokens first leave the
-window: the mean of the first ``window + 1`` positions after the sinks (the same tokens whatever the
-call sizes). A key offset shared by all tokens (a k_proj bias) is most of some layers' key energy and
-adds the same logit to every position, so attention is unchanged by removing it, while the codes'
-error (proportional to what they encode) shrinks to the part that varies; values get their mean
-added back to the output (the softmax weights sum to one). The history lives in preallocated buffers per field,
+history, which is never re-encoded. With ``CacheConfig.center`` (TurboQuant), every key is held
+minus a per-head mean, ``center_k`` (B, H, 1, D), fixed when tokens first leave the window: the mean
+of the first ``window + 1`` positions after the sinks (the same tokens whatever the call sizes). A key
+offset shared by all tokens (a k_proj bias) is most of some layers' key energy and adds the same
+logit to every position, so attention is unchanged by removing it, while the codes' error
+(proportional to what they encode) shrinks to the part that varies. Values are not centered: on
+SmolLM2-135M that cost KLD (0.0050 -> 0.0083 at 512 tokens, K4V2+s4w128, decode semantics) where
+centered keys alone gained (0.0046). The history lives in preallocated buffers per field,
 ``(batch, kv_heads, capacity, *field shape)``, that grow by blocks (amortized O(1) per token, no
 per-token concatenation); ``reserve(tokens)`` sizes them up front.
 
@@ -180,7 +181,7 @@ class LayerStore:
         self.hist_k = History(self.codec_k)
         self.hist_v = History(self.codec_v)
         self.center = config.center and "center" in method.options
-        self.center_k = self.center_v = None  # (B, H, 1, D) float32, once set (see the module docstring)
+        self.center_k = None  # (B, H, 1, D) float32, once set (see the module docstring)
         self._steps: dict = {}  # (q shape, dtype, device, kv heads) -> the fused whole-call function or None
 
     # ---- what attention reads ---------------------------------------------------------------
@@ -236,10 +237,9 @@ class LayerStore:
         dtype_k, dtype_v = k.dtype, v.dtype
         take = min(max(0, self.sinks - (self.length - n)), n)  # positions < sinks are sinks
         if self.center and self.center_k is None:
-            self._set_centers(ops, k[:, :, take:], v[:, :, take:])
+            self._set_center(ops, k[:, :, take:])
         if self.center_k is not None:  # in float32, before the 16-bit rounding of sinks and window
             k = ops.astype(k, ops.float32) - self.center_k
-            v = ops.astype(v, ops.float32) - self.center_v
         # Sinks and window are held in 16 bits whatever the model computes in (its own dtype when
         # that is 16-bit, else bfloat16): a float32 model would otherwise pay double for them.
         k, v = ops.astype(k, ops.residual_dtype(dtype_k)), ops.astype(v, ops.residual_dtype(dtype_v))
@@ -252,28 +252,23 @@ class LayerStore:
         if self.span:
             self._trim()
 
-    def _set_centers(self, ops, k, v) -> None:
-        """Fix ``center_k``/``center_v`` when this call's tokens after the sinks, ``k``/``v`` (B, H, t, D),
-        make the first ones leave the window: the mean of the first ``window + 1`` positions after the
-        sinks (the window's and these), so every chunking gives the same centers. The sinks and
-        window already held are re-held centered."""
+    def _set_center(self, ops, k) -> None:
+        """Fix ``center_k`` when this call's keys after the sinks, ``k`` (B, H, t, D), make the first
+        tokens leave the window: the mean of the first ``window + 1`` positions after the sinks (the
+        window's and these), so every chunking gives the same center. The sinks and window already
+        held are re-held centered."""
         n_win = 0 if self.win_k is None else self.win_k.shape[2]
         if n_win + k.shape[2] <= self.window:
             return
-        first = self.window + 1 - n_win
-        means = []
-        for held, new in ((self.win_k, k), (self.win_v, v)):
-            # from 16-bit values, as the window holds them: the same centers whatever the call sizes
-            x = ops.astype(ops.astype(new[:, :, :first], ops.residual_dtype(new.dtype)), ops.float32)
-            if held is not None:
-                x = ops.concat([ops.astype(held, ops.float32), x], 2)
-            means.append(ops.reshape(ops.sum_last(ops.swap_last2(x)), x.shape[:2] + (1, x.shape[3])) / x.shape[2])
-        self.center_k, self.center_v = means
-        for name, center in (("sink_k", self.center_k), ("sink_v", self.center_v),
-                             ("win_k", self.center_k), ("win_v", self.center_v)):
+        # from 16-bit values, as the window holds them: the same center whatever the call sizes
+        x = ops.astype(ops.astype(k[:, :, :self.window + 1 - n_win], ops.residual_dtype(k.dtype)), ops.float32)
+        if self.win_k is not None:
+            x = ops.concat([ops.astype(self.win_k, ops.float32), x], 2)
+        self.center_k = ops.reshape(ops.sum_last(ops.swap_last2(x)), x.shape[:2] + (1, x.shape[3])) / x.shape[2]
+        for name in ("sink_k", "win_k"):
             held = getattr(self, name)
             if held is not None:  # a new array: views made before this call keep the old one
-                setattr(self, name, ops.astype(ops.astype(held, ops.float32) - center, held.dtype))
+                setattr(self, name, ops.astype(ops.astype(held, ops.float32) - self.center_k, held.dtype))
 
     def _window(self, ops, k, v) -> None:
         """Append to the window; encode what leaves it into the history (for a sliding-window layer,
@@ -383,7 +378,7 @@ class LayerStore:
 
     def select_batch(self, idx) -> None:
         """Keep batch rows ``idx`` (beam search reordering); codes are moved, never re-encoded."""
-        for name in ("sink_k", "sink_v", "win_k", "win_v", "center_k", "center_v"):
+        for name in ("sink_k", "sink_v", "win_k", "win_v", "center_k"):
             x = getattr(self, name)
             if x is not None:
                 setattr(self, name, for_array(x).select_batch(x, idx))
@@ -400,8 +395,8 @@ class View:
         self.sink_k, self.sink_v, self.win_k, self.win_v = sink_k, sink_v, win_k, win_v
         self.hist_k, self.hist_v = hist_k, hist_v
         self.new = new
-        # What everything held had subtracted (None: nothing); the call's own tokens are not centered.
-        self.center_k, self.center_v = store.center_k, store.center_v
+        # What every key held had subtracted (None: nothing); the call's own keys are not centered.
+        self.center_k = store.center_k
 
     @property
     def history(self) -> int:
@@ -414,7 +409,7 @@ class View:
         for out, sink, codec, hist, win, new, dtype in (
                 (parts_k, self.sink_k, self.store.codec_k, self.hist_k, self.win_k, new_k, k_dtype),
                 (parts_v, self.sink_v, self.store.codec_v, self.hist_v, self.win_v, new_v, v_dtype)):
-            center = self.center_k if out is parts_k else self.center_v
+            center = self.center_k if out is parts_k else None
             for x in (sink, codec.decode(hist, dtype) if self.history else None, win, new):
                 if x is not None:
                     ops = for_array(x)
@@ -448,20 +443,15 @@ class View:
         g = hq // h
         use_kernel = (self.store.attention == "auto") if kernel is None else kernel
         new = self.new
-        if new is not None and self.center_k is not None:  # held as everything else is: centered
-            new = (ops.astype(new[0], ops.float32) - self.center_k, ops.astype(new[1], ops.float32) - self.center_v)
-            new = tuple(ops.astype(x, y.dtype) for x, y in zip(new, self.new))
+        if new is not None and self.center_k is not None:  # keys as every other one is held: centered
+            new = (ops.astype(ops.astype(new[0], ops.float32) - self.center_k, new[0].dtype), new[1])
         if use_kernel and mask is None:
             # The whole call in the device's fused kernels, where it has them (CUDA).
             step = self.store.attention_step(q, h)
             if step is not None:
                 dense = tuple(None if kv[0] is None else kv for kv in (
                     (self.sink_k, self.sink_v), (self.win_k, self.win_v), new or (None, None)))
-                out = step(q, dense, self.hist_k, self.hist_v, self.history, scale)
-                if self.center_v is None:
-                    return out
-                out = ops.reshape(ops.astype(out, ops.float32), (b, h, g, tq, d)) + self.center_v[:, :, None]
-                return ops.astype(ops.reshape(out, (b, hq, tq, d)), q.dtype)
+                return step(q, dense, self.hist_k, self.hist_v, self.history, scale)
         q32 = ops.reshape(ops.astype(q, ops.float32), (b, h, g * tq, d)) * scale
 
         # Key positions: sinks [0, S) | history [S, S + n) | window | this call's own tokens.
@@ -499,8 +489,6 @@ class View:
             top = ops.where(top > -float("inf"), top, 0.0)
             w1, w2 = ops.exp(l1 - top), ops.exp(l2 - top)
             out = (o1 * w1 + o2 * w2) / ops.where(w1 + w2 > 0, w1 + w2, 1.0)
-        if self.center_v is not None:
-            out = out + self.center_v
         return ops.astype(ops.reshape(out, (b, hq, tq, d)), q.dtype)
 
     def _history(self, ops, q32, use_kernel: bool, masked, dtype):
@@ -536,7 +524,7 @@ def _softmax_parts(ops, scores: list, values: list):
 
 
 _PART = {"sink_k": "sinks", "sink_v": "sinks", "win_k": "window", "win_v": "window",
-         "center_k": "centers", "center_v": "centers"}
+         "center_k": "centers"}
 
 
 def _is_array(value) -> bool:
