@@ -563,3 +563,120 @@ def test_encode_pair_into_equals_two_single_encodes():
         assert kind["norms"].abs().min() > 0
     with pytest.raises(ValueError, match="codes must be"):
         enc.encode_pair_into(xk, xv, kinds[0], dict(kinds[1], codes=kinds[1]["codes"][:, :3]), norm_correction=True)
+
+
+# ----------------------------------------------------------------------------- the static step
+
+STATIC_CASES = [("K4V2+s4w8", 2, 2, 4, 64), ("K3V2+s0w4+c=1", 1, 2, 2, 128)]
+
+
+def _static_pair(label, B, Hkv, D, dtype, gen, held=30):
+    """Two stores of ``label`` holding the same ``held`` tokens, and a token source."""
+    from tq_core.config import CacheConfig
+    from tq_core.kvstore import LayerStore
+
+    cfg = CacheConfig.parse(label)
+    a, b = LayerStore(cfg, 3, D), LayerStore(cfg, 3, D)
+    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2 + 3).to(dtype).to(DEV)  # noqa: E731
+    k0, v0 = kv(held), kv(held)
+    a.update(k0, v0)
+    b.update(k0, v0)
+    return a, b, kv
+
+
+def _same_state(a, b):
+    assert a.length == b.length and a.encoded_tokens == b.encoded_tokens
+    for ha, hb in ((a.hist_k, b.hist_k), (a.hist_v, b.hist_v)):
+        pa, pb = ha.parts(), hb.parts()
+        for name in pa:
+            assert torch.equal(pa[name], pb[name]), f"{name} differ"
+    assert torch.equal(a.win_k, b.win_k) and torch.equal(a.win_v, b.win_v)
+
+
+@pytest.mark.parametrize("case", STATIC_CASES, ids=lambda c: c[0])
+def test_static_steps_equal_eager_steps(case, triton_everywhere):
+    """``graph_step.StaticLayer``: steps with every index on the device give the eager steps' outputs
+    (to float rounding: the ring is read in another order) and, synced back, the same stored codes,
+    window and length; eager steps then continue from there."""
+    from tq_core.graph_step import StaticLayer
+
+    label, B, Hkv, G, D = case
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    a, b, kv = _static_pair(label, B, Hkv, D, dtype, gen)
+    static = StaticLayer(a, capacity=64)
+    scale = D ** -0.5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for _ in range(12):  # more than the window: the ring wraps
+        q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(dtype).to(DEV)
+        k, v = kv(1), kv(1)
+        fast = static.step(q, k, v, scale)
+        ref = b.update(k, v).attend(q, scale, kernel=True)
+        err = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < tol, err
+    static.sync()
+    _same_state(a, b)
+    q, k, v = torch.randn(B, Hkv * G, 1, D, generator=gen).to(dtype).to(DEV), kv(1), kv(1)
+    assert torch.allclose(a.update(k, v).attend(q, scale).float(), b.update(k, v).attend(q, scale).float(),
+                          rtol=0, atol=tol)
+
+
+def test_static_step_refuses_what_it_cannot_take():
+    from tq_core.config import CacheConfig
+    from tq_core.graph_step import StaticLayer
+    from tq_core.kvstore import LayerStore
+
+    store = LayerStore(CacheConfig.parse("K4V2+s4w8"), 0, 64)
+    store.update(torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64))
+    with pytest.raises(ValueError, match="steady state"):
+        StaticLayer(store, 64)  # nothing encoded yet
+    store.update(torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64))
+    with pytest.raises(ValueError, match="capacity must be an int > the 8 encoded"):
+        StaticLayer(store, 8)
+    with pytest.raises(ValueError, match="span"):
+        StaticLayer(LayerStore(CacheConfig.parse("K4V2+s4w8"), 0, 64, span=40), 64)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_static_steps_replay_as_a_cuda_graph():
+    """One static step of two layers captured once and replayed: the same outputs and stored codes
+    as eager steps fed the same tokens."""
+    from tq_core.graph_step import StaticLayer
+
+    B, Hkv, G, D = 2, 8, 4, 128
+    gen = torch.Generator().manual_seed(12)
+    pairs = [_static_pair("K4V2+s4w128", B, Hkv, D, torch.bfloat16, gen, held=300) for _ in range(2)]
+    statics = [StaticLayer(a, capacity=400) for a, _, _ in pairs]
+    scale = D ** -0.5
+    q_in = torch.zeros(B, Hkv * G, 1, D, dtype=torch.bfloat16, device=DEV)
+    kv_in = [tuple(torch.zeros(B, Hkv, 1, D, dtype=torch.bfloat16, device=DEV) for _ in range(2)) for _ in pairs]
+    outs = [torch.empty(B, Hkv * G, 1, D, dtype=torch.bfloat16, device=DEV) for _ in pairs]
+    steps = []
+    for _ in range(6):  # the first: eager (compiles, caches constants); then the graph replays
+        q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(DEV, torch.bfloat16)
+        new = [(pairs[i][2](1), pairs[i][2](1)) for i in range(2)]
+        steps.append((q, new))
+    q_in.copy_(steps[0][0])
+    for i, st in enumerate(statics):
+        kv_in[i][0].copy_(steps[0][1][i][0]), kv_in[i][1].copy_(steps[0][1][i][1])
+        st.step(q_in, *kv_in[i], scale, out=outs[i])
+    torch.cuda.synchronize()
+    got = [[o.clone() for o in outs]]
+    graph = torch.cuda.CUDAGraph()
+    # capture: the launches are recorded, not run (the state does not move)
+    with torch.cuda.graph(graph):
+        for i, st in enumerate(statics):
+            st.step(q_in, *kv_in[i], scale, out=outs[i])
+    for q, new in steps[1:]:
+        q_in.copy_(q)
+        for i in range(2):
+            kv_in[i][0].copy_(new[i][0]), kv_in[i][1].copy_(new[i][1])
+        graph.replay()
+        got.append([o.clone() for o in outs])
+    for i, (a, b, _) in enumerate(pairs):
+        for t, (q, new) in enumerate(steps):
+            ref = b.update(*new[i]).attend(q, scale)
+            err = ((got[t][i].double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < 1e-2, (i, t, err)
+        statics[i].sync()
+        _same_state(a, b)

@@ -68,10 +68,12 @@ def history_attention(codec_k, codec_v, like, dtype=None):
 def attention_step(codec_k, codec_v, q, kv_heads: int):
     """The whole attention call in fused kernels for this codec pair and ``q`` (B, Hq, Tq, D), or None.
 
-    Returns ``(q, dense, hist_k, hist_v, length, scale) -> out`` (B, Hq, Tq, D) in ``q``'s dtype, for
-    any ``q`` of the same shape, dtype and device (a cache keeps it per layer): ``dense`` = (sinks,
-    window, own tokens) as (k, v) pairs or None (see the device kernel's ``attend_step``), the
-    history's fields and held length. 16-bit queries are rotated by one GEMM in their own dtype (R
+    Returns ``(q, dense, hist_k, hist_v, length, scale, length_dev=None, out=None) -> out``
+    (B, Hq, Tq, D) in ``q``'s dtype, for any ``q`` of the same shape, dtype and device (a cache keeps
+    it per layer): ``dense`` = (sinks, window, own tokens) as (k, v) pairs or None (see the device
+    kernel's ``attend_step``), the history's fields and held length; ``length_dev`` (a (1,) int64
+    device tensor, at most ``length``) makes the kernels read the length on the device
+    (``tq_core.graph_step``), ``out`` is written into when given. 16-bit queries are rotated by one GEMM in their own dtype (R
     rounded to it, float32 accumulation: the kernels read 16-bit rotated queries anyway). Only
     devices whose kernel module has an ``attend_step`` (Triton on CUDA) get one; elsewhere
     ``View.attend`` composes the history kernel with array ops.
@@ -94,13 +96,14 @@ def attention_step(codec_k, codec_v, q, kv_heads: int):
     rot_v = qv.const("rot", q, f32)
     centroids = {"k_centroids": qk.const("centroids", q, f32), "v_centroids": qv.const("centroids", q, f32)}
 
-    def run(q, dense, hist_k: dict, hist_v: dict, length: int, scale: float):
+    def run(q, dense, hist_k: dict, hist_v: dict, length: int, scale: float, length_dev=None, out=None):
         q_rot = None
         if length:
             q_rot = ops.matmul(q if half is not None else ops.astype(q, f32), rot_k)
         return step(q, scale, dense, q_rot=q_rot, length=length,
                     hist=(hist_k["codes"], hist_k["norms"], hist_v["codes"], hist_v["norms"]) if length else None,
-                    rot_v=rot_v if length else None, bits_k=qk.bits, bits_v=qv.bits, **centroids, **tables)
+                    rot_v=rot_v if length else None, bits_k=qk.bits, bits_v=qv.bits, **centroids, **tables,
+                    **({} if length_dev is None else {"length_dev": length_dev}), **({} if out is None else {"out": out}))
 
     return run
 

@@ -335,8 +335,8 @@ def _attend_split_kernel(
     VN, s_vnb, s_vnh, s_vnn,
     KCENT, VCENT,
     M_WS, L_WS, O_WS,
-    length, tokens_per_split, tiles_per_split, qk_scale, HKV, n_splits,
-    G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, WREAL: tl.constexpr, W: tl.constexpr,
+    length, LEN_PTR, tokens_per_split, qk_scale, HKV, n_splits,
+    LEN_DEV: tl.constexpr, G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, WREAL: tl.constexpr, W: tl.constexpr,
     BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ASM_K: tl.constexpr, ASM_V: tl.constexpr, F32: tl.constexpr,
@@ -383,13 +383,18 @@ def _attend_split_kernel(
     a6 = tl.zeros([BLOCK_M, W], tl.float32)
     a7 = tl.zeros([BLOCK_M, W], tl.float32)
 
-    # Every split but the last is full; the last one's trailing tiles are masked out entirely
-    # (its first tile always holds a valid token, so the running max is finite from then on).
-    # The trip count is a plain argument (a constexpr under the interpreter, whose scalars are
-    # 1-element arrays that recent numpy refuses to turn into a loop bound).
+    # Every split but the last is full; the last one stops after its last valid tile. With the
+    # length read from the device (LEN_DEV: a CUDA graph replays one grid, sized for the buffers'
+    # capacity, while the history grows), splits past it run no tile and leave m = -inf, l = 0,
+    # which the merge weighs 0. Under the interpreter the trip count is a constexpr (its scalars are
+    # 1-element arrays that recent numpy refuses to turn into a loop bound) and tiles past the
+    # length are masked out, the running max kept finite by ``m_safe``.
+    if LEN_DEV:
+        length = tl.load(LEN_PTR)
     start = pid_s * tokens_per_split
+    n_tiles = tl.cdiv(tl.maximum(tl.minimum(length - start, tokens_per_split), 0), BLOCK_N)
     wmask_i = (i < WREAL)[None, :]
-    for it in range(0, TILES_CT if TILES_CT > 0 else tiles_per_split):
+    for it in range(0, TILES_CT if TILES_CT > 0 else n_tiles):
         n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < length
         n64 = n.to(tl.int64)
@@ -407,8 +412,9 @@ def _attend_split_kernel(
         s = s * (knorm * qk_scale)[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         vnorm = tl.load(vn + n64 * s_vnn, mask=nmask, other=0.0).to(tl.float32)
@@ -644,9 +650,11 @@ def _check_lut(lut, q_rot) -> str:
 
 def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, *, bits_k, bits_v,
                    length, scale, lut=None, block_n=None, splits=None, num_warps=1, num_stages=2,
-                   maxnreg=None, k_table=None, v_table=None):
+                   maxnreg=None, k_table=None, v_table=None, length_dev=None):
     """Run the split kernel over ``length`` > 0 held tokens (arguments checked by the caller):
-    (m, l, o) partials per (batch x KV head, split, query row) in base 2, and the split count."""
+    (m, l, o) partials per (batch x KV head, split, query row) in base 2, and the split count.
+    ``length_dev``: a (1,) int32 tensor on the device holding the tokens to read (at most
+    ``length``, which then sizes the grid): what a CUDA graph replays while the history grows."""
     B, Hq, Tq, D = q_rot.shape
     Hkv = k_codes.shape[1]
     dev = q_rot.device
@@ -693,8 +701,8 @@ def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_cen
         v_norms, *v_norms.stride(),
         k_centroids, v_centroids,
         ws_m, ws_l, ws_o,
-        length, tps, tiles_per_split, float(scale) * _LOG2E, Hkv, splits,
-        G=G, TQ=Tq, D=D, WREAL=wreal, W=W, BITS_K=bits_k, BITS_V=bits_v,
+        length, q_rot if length_dev is None else length_dev, tps, float(scale) * _LOG2E, Hkv, splits,
+        LEN_DEV=length_dev is not None, G=G, TQ=Tq, D=D, WREAL=wreal, W=W, BITS_K=bits_k, BITS_V=bits_v,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, ASM_K=asm_k, ASM_V=asm_v, F32=f32,
         ALIGNED_K=_aligned(k_codes, bits_k), ALIGNED_V=_aligned(v_codes, bits_v),
         TILES_CT=tiles_per_split if interp else 0,
