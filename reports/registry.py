@@ -258,6 +258,7 @@ _add("prefill_tokens_per_s", "tok/s", "higher", "prompt tokens per second in one
 _add("decode_tokens_per_s", "tok/s", "higher", "tokens per second decoding one token at a time (label cache)")
 _add("speed_ratio", "x", "higher", "compressed / baseline tokens per second in the same run (label phase)")
 _add("greedy_token_match", "fraction", "higher", "fraction of the timed greedy tokens equal to the baseline's")
+_add("step_ms", "ms", "lower", "milliseconds per decode step of all layers, replayed as a CUDA graph (label cache)")
 _add("decode_overhead_ms_per_layer", "ms", "lower", "milliseconds per decode step and layer the compressed cache "
                                                     "costs over the baseline")
 _add("attention_us", "us", "lower", "one layer's decode attention, one synchronized call (label cache: baseline "

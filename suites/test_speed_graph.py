@@ -8,8 +8,9 @@ the same way:
 
 * compressed: per layer ``graph_step.StaticLayer.step`` (attention over sinks, the packed history,
   the window ring and the new token in the whole-call kernels, then the token leaving the window
-  encoded into the history; every index on the device, so each replay is the next decode step:
-  the history grows by one token per replay);
+  encoded into the history and the new one written into the ring; five launches), and one shared
+  clock moved on per step: every index on the device, so each replay is the next decode step (the
+  history grows by one token per replay);
 * bf16 baseline: per layer the new token written in place into a preallocated (B, 8, capacity, 128)
   cache, then SDPA over the ``context + 1`` tokens held, with torch's flash backend and with torch's
   own choice (cuDNN on an H200; a fixed length suits it), each captured and timed; the faster one is
@@ -101,7 +102,8 @@ def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, rec
         base_k[layer, :, :, :context], base_v[layer, :, :, :context] = k, v
         del k, v
     stores = host.stores(cache)
-    statics = [StaticLayer(s, capacity - config.sinks - config.window) for s in stores]
+    clock = torch.zeros(1, dtype=torch.int64, device="cuda")  # one clock for all layers, moved once per step
+    statics = [StaticLayer(s, capacity - config.sinks - config.window, clock=clock) for s in stores]
     q = randn(batch, hq, 1, d)
     new = [(randn(batch, h, 1, d), randn(batch, h, 1, d)) for _ in range(layers)]
     outs = [torch.empty((batch, hq, 1, d), device="cuda", dtype=dtype) for _ in range(layers)]
@@ -109,6 +111,7 @@ def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, rec
     def tq_step():
         for layer, st in enumerate(statics):
             st.step(q, *new[layer], scale, out=outs[layer])
+        clock.add_(1)
 
     pos = torch.tensor([context], device="cuda", dtype=torch.int64)
 

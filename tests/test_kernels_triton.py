@@ -593,24 +593,39 @@ def _same_state(a, b):
     assert torch.equal(a.win_k, b.win_k) and torch.equal(a.win_v, b.win_v)
 
 
+@pytest.mark.parametrize("store_by", ["array-ops", "kernels"])
 @pytest.mark.parametrize("case", STATIC_CASES, ids=lambda c: c[0])
-def test_static_steps_equal_eager_steps(case, triton_everywhere):
+def test_static_steps_equal_eager_steps(case, store_by, triton_everywhere, monkeypatch):
     """``graph_step.StaticLayer``: steps with every index on the device give the eager steps' outputs
     (to float rounding: the ring is read in another order) and, synced back, the same stored codes,
-    window and length; eager steps then continue from there."""
+    window and length; eager steps then continue from there. ``store_by``: the spill and the ring
+    write through the fused kernels at the clock's positions (``kernels.spill_at``, ``ring_write``;
+    both stores then encode with the Triton kernel), or through torch's indexed ops."""
     from tq_core.graph_step import StaticLayer
 
     label, B, Hkv, G, D = case
+    if store_by == "kernels" and not CUDA:
+        from tq_core.kernels import triton as triton_pkg
+        from tq_core.ops import torch_ops
+
+        monkeypatch.setattr(torch_ops, "encode_kernel", lambda like: triton_pkg)
+    elif store_by == "array-ops":
+        from tq_core import kernels
+
+        monkeypatch.setattr(kernels, "spill_at", lambda *a: False)
+        monkeypatch.setattr(kernels, "ring_write", lambda *a: False)
     dtype = torch.bfloat16 if CUDA else torch.float32
     gen = torch.Generator().manual_seed(11)
     a, b, kv = _static_pair(label, B, Hkv, D, dtype, gen)
-    static = StaticLayer(a, capacity=64)
+    clock = torch.full((1,), 5, dtype=torch.int64, device=DEV)  # shared, not at 0: the ring starts rotated
+    static = StaticLayer(a, capacity=64, clock=clock)
     scale = D ** -0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for _ in range(12):  # more than the window: the ring wraps
         q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(dtype).to(DEV)
         k, v = kv(1), kv(1)
         fast = static.step(q, k, v, scale)
+        clock.add_(1)  # the caller moves a shared clock on
         ref = b.update(k, v).attend(q, scale, kernel=True)
         err = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < tol, err

@@ -9,13 +9,17 @@ token encoded) and holds the same state in fixed buffers:
 
 * the window as a ring of ``window`` slots: with one query token every held token is visible, so
   attention does not depend on their order;
-* the history in the store's own buffers, reserved for ``capacity`` tokens; its length a (1,)
-  int64 device tensor that the kernels read (their grid sized for the capacity; splits past the
-  length run no tile: ``kernels/triton/decode_attention.py``);
+* the history in the store's own buffers, reserved for ``capacity`` tokens;
+* a device clock t, a (1,) int64 tensor: the history holds ``base + t`` tokens and the ring's
+  oldest token sits at slot ``t % window``. The kernels read t (their grid sized for the capacity;
+  splits past the length run no tile: ``kernels/triton/decode_attention.py``);
 * one step = attention over sinks, history, ring and the step's own token (one softmax, the
-  whole-call kernels ``View.attend`` uses on CUDA), then the ring's oldest token is encoded into
-  the history at its length (the same encode as ``LayerStore``'s), the new token takes its ring
-  slot, and the length and slot move on: every index on the device.
+  whole-call kernels ``View.attend`` uses on CUDA), then the oldest ring token encoded into the
+  history at ``base + t`` (the fused encode ``LayerStore`` uses, reading and writing at the clock's
+  positions: ``kernels.spill_at``), the new token written into its slot (``kernels.ring_write``),
+  and t moved on. Five launches per layer (the query's rotation, two for attention, two to store).
+  Layers can share one clock (``clock=``): the caller then moves it on once per step, after the
+  last layer (``clock.add_(1)``), else each layer moves its own.
 
 ``sync()`` writes the state back into the store (the window in order), so eager use resumes where
 the replays left it. Tests hold static steps to eager ones: the same codes, the same outputs to
@@ -31,9 +35,11 @@ from .kvstore import LayerStore
 
 class StaticLayer:
     """The decode step of ``store`` (a full-attention ``LayerStore`` in its steady state) for up to
-    ``capacity`` held history tokens, with every index on the device (see the module docstring)."""
+    ``capacity`` encoded history tokens, with every index on the device (see the module docstring).
+    ``clock``: a (1,) int64 tensor on the store's device shared by layers (read once here); None:
+    the layer keeps its own."""
 
-    def __init__(self, store: LayerStore, capacity: int):
+    def __init__(self, store: LayerStore, capacity: int, clock=None):
         import torch
 
         if not isinstance(store, LayerStore):
@@ -44,36 +50,42 @@ class StaticLayer:
             raise ValueError("a store in simulated mode has no static step")
         n_win = 0 if store.win_k is None else store.win_k.shape[2]
         n_sink = 0 if store.sink_k is None else store.sink_k.shape[2]
-        if not isinstance(store.win_k, torch.Tensor):
-            raise ValueError("store must hold torch tensors with a full window (steady state) for a static step")
         if store.window < 1 or n_win != store.window or n_sink != store.sinks or store.hist_k.held < 1:
             raise ValueError(f"store must be in its steady state for a static step: sinks {n_sink} of "
                              f"{store.sinks}, window {n_win} of {store.window} (at least 1), "
                              f"{store.hist_k.held} tokens encoded (at least 1)")
+        if not isinstance(store.win_k, torch.Tensor):
+            raise ValueError("a static step holds torch tensors")
         held = store.hist_k.held
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= held:
             raise ValueError(f"capacity must be an int > the {held} encoded tokens held, got {capacity!r}")
-        self.store, self.capacity = store, capacity
         like = store.win_k
+        dev = like.device
+        if clock is None:
+            clock, self.own_clock = torch.zeros(1, dtype=torch.int64, device=dev), True
+        else:
+            if not isinstance(clock, torch.Tensor) or clock.dtype != torch.int64 or clock.numel() != 1 or clock.device != dev:
+                raise ValueError(f"clock must be a (1,) int64 tensor on {dev}")
+            self.own_clock = False
+        self.store, self.capacity, self.clock = store, capacity, clock
+        t0 = int(clock.item())
+        self.base = held - t0  # the history holds base + t tokens
         for hist in (store.hist_k, store.hist_v):  # (a full-attention layer's history starts at slot 0)
             hist.reserve(like, capacity)
-        dev = like.device
-        self.ring_k, self.ring_v = store.win_k.clone(), store.win_v.clone()  # (B, H, window, D)
-        self.length = torch.tensor([held], dtype=torch.int64, device=dev)  # encoded tokens held
-        self.slot = torch.zeros(1, dtype=torch.int64, device=dev)  # the ring's oldest token
+        w = store.window
+        # the ring, (B, H, window, D): the oldest token at slot t0 % window
+        self.ring_k = torch.roll(store.win_k, t0 % w, 2).contiguous()
+        self.ring_v = torch.roll(store.win_v, t0 % w, 2).contiguous()
         self._synced = held
-        b, h = like.shape[:2]
-        self.spill_k = {name: torch.empty((b, h, 1) + tuple(t), dtype=getattr(torch, dt), device=dev)
-                        for name, (t, dt) in store.codec_k.fields().items()}
-        self.spill_v = {name: torch.empty((b, h, 1) + tuple(t), dtype=getattr(torch, dt), device=dev)
-                        for name, (t, dt) in store.codec_v.fields().items()}
         self._fn = None
 
     def step(self, q, k, v, scale: float, out=None):
         """Attend ``q`` (B, Hq, 1, D) over what is held plus this step's ``k``, ``v`` (B, H, 1, D),
         then hold them: returns (B, Hq, 1, D) in ``q``'s dtype (into ``out`` when given). No host
         read, no allocation that depends on the length: a CUDA graph of it stays valid while the
-        history grows (at most ``capacity`` tokens held: more writes past the buffers)."""
+        history grows (at most ``capacity`` tokens encoded: more writes past the buffers)."""
+        import torch
+
         s = self.store
         if q.shape[2] != 1 or k.shape[2] != 1:
             raise ValueError(f"a static step takes one query and one new token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -87,35 +99,38 @@ class StaticLayer:
         sinks = None if s.sink_k is None else (s.sink_k, s.sink_v)
         hist_k, hist_v = s.hist_k.buffers, s.hist_v.buffers
         out = self._fn(q, (sinks, (self.ring_k, self.ring_v), (k, v)), hist_k, hist_v, self.capacity, scale,
-                       length_dev=self.length, out=out)
-        # The ring's oldest token leaves the window: encoded at the history's length.
-        old_k, old_v = self.ring_k.index_select(2, self.slot), self.ring_v.index_select(2, self.slot)
-        if not kernels.encode_pair_into(s.codec_k, s.codec_v, old_k, old_v, self.spill_k, self.spill_v):
-            for codec, x, views in ((s.codec_k, old_k, self.spill_k), (s.codec_v, old_v, self.spill_v)):
-                if not codec.encode_into(x, views):
-                    for name, value in codec.encode(x).items():
-                        views[name].copy_(value)
-        for buffers, spill in ((hist_k, self.spill_k), (hist_v, self.spill_v)):
-            for name, value in spill.items():
-                buffers[name].index_copy_(2, self.length, value)
-        self.ring_k.index_copy_(2, self.slot, k.to(self.ring_k.dtype))
-        self.ring_v.index_copy_(2, self.slot, v.to(self.ring_v.dtype))
-        self.length.add_(1)
-        self.slot.add_(1).remainder_(self.ring_k.shape[2])
+                       length_dev=self.clock, length_base=self.base, out=out)
+        # The ring's oldest token leaves the window: encoded at the history's end.
+        if not kernels.spill_at(s.codec_k, s.codec_v, self.ring_k, self.ring_v, hist_k, hist_v, self.clock, self.base):
+            slot = torch.remainder(self.clock, self.ring_k.shape[2])
+            pos = self.clock + self.base
+            for codec, ring, buffers in ((s.codec_k, self.ring_k, hist_k), (s.codec_v, self.ring_v, hist_v)):
+                for name, value in codec.encode(ring.index_select(2, slot)).items():
+                    buffers[name].index_copy_(2, pos, value)
+        # rounded to the ring's 16 bits by torch, as the eager store rounds its window (a no-op when
+        # the model computes in that dtype)
+        k, v = k.to(self.ring_k.dtype), v.to(self.ring_v.dtype)
+        if not kernels.ring_write(k, v, self.ring_k, self.ring_v, self.clock):
+            slot = torch.remainder(self.clock, self.ring_k.shape[2])
+            self.ring_k.index_copy_(2, slot, k)
+            self.ring_v.index_copy_(2, slot, v)
+        if self.own_clock:
+            self.clock.add_(1)
         return out
 
     def sync(self) -> None:
         """Write the state back into the store (one host read): its history length, its window in
-        order, its token count; eager ``update`` calls continue from there."""
+        order, its token count; eager ``update`` calls continue from there (a StaticLayer made
+        afterwards continues the replays)."""
         import torch
 
         s = self.store
-        n = int(self.length.item())
-        steps = n - self._synced
-        slot = int(self.slot.item())
+        t = int(self.clock.item())
+        n = self.base + t
+        slot = t % self.ring_k.shape[2]
         for hist in (s.hist_k, s.hist_v):
             hist.n = n
         s.win_k = torch.cat([self.ring_k[:, :, slot:], self.ring_k[:, :, :slot]], 2)
         s.win_v = torch.cat([self.ring_v[:, :, slot:], self.ring_v[:, :, :slot]], 2)
-        s.length += steps
+        s.length += n - self._synced
         self._synced = n

@@ -68,12 +68,12 @@ def history_attention(codec_k, codec_v, like, dtype=None):
 def attention_step(codec_k, codec_v, q, kv_heads: int):
     """The whole attention call in fused kernels for this codec pair and ``q`` (B, Hq, Tq, D), or None.
 
-    Returns ``(q, dense, hist_k, hist_v, length, scale, length_dev=None, out=None) -> out``
+    Returns ``(q, dense, hist_k, hist_v, length, scale, length_dev=None, length_base=0, out=None) -> out``
     (B, Hq, Tq, D) in ``q``'s dtype, for any ``q`` of the same shape, dtype and device (a cache keeps
     it per layer): ``dense`` = (sinks, window, own tokens) as (k, v) pairs or None (see the device
     kernel's ``attend_step``), the history's fields and held length; ``length_dev`` (a (1,) int64
-    device tensor, at most ``length``) makes the kernels read the length on the device
-    (``tq_core.graph_step``), ``out`` is written into when given. 16-bit queries are rotated by one GEMM in their own dtype (R
+    device tensor t) makes the kernels read ``length_base + t`` tokens, at most ``length``, on the
+    device (``tq_core.graph_step``); ``out`` is written into when given. 16-bit queries are rotated by one GEMM in their own dtype (R
     rounded to it, float32 accumulation: the kernels read 16-bit rotated queries anyway). Only
     devices whose kernel module has an ``attend_step`` (Triton on CUDA) get one; elsewhere
     ``View.attend`` composes the history kernel with array ops.
@@ -96,14 +96,16 @@ def attention_step(codec_k, codec_v, q, kv_heads: int):
     rot_v = qv.const("rot", q, f32)
     centroids = {"k_centroids": qk.const("centroids", q, f32), "v_centroids": qv.const("centroids", q, f32)}
 
-    def run(q, dense, hist_k: dict, hist_v: dict, length: int, scale: float, length_dev=None, out=None):
+    def run(q, dense, hist_k: dict, hist_v: dict, length: int, scale: float, length_dev=None, length_base=0,
+            out=None):
         q_rot = None
         if length:
             q_rot = ops.matmul(q if half is not None else ops.astype(q, f32), rot_k)
         return step(q, scale, dense, q_rot=q_rot, length=length,
                     hist=(hist_k["codes"], hist_k["norms"], hist_v["codes"], hist_v["norms"]) if length else None,
                     rot_v=rot_v if length else None, bits_k=qk.bits, bits_v=qv.bits, **centroids, **tables,
-                    **({} if length_dev is None else {"length_dev": length_dev}), **({} if out is None else {"out": out}))
+                    **({} if length_dev is None else {"length_dev": length_dev, "length_base": length_base}),
+                    **({} if out is None else {"out": out}))
 
     return run
 
@@ -155,6 +157,44 @@ def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
     d = k.shape[-1]
     module.encode_pair_into(ops.reshape(k, (-1, d)), ops.reshape(v, (-1, d)), *kinds,
                             norm_correction=qk.norm_correction)
+    return True
+
+
+def spill_at(codec_k, codec_v, ring_k, ring_v, hist_k: dict, hist_v: dict, clock, base: int) -> bool:
+    """A static decode step's spill (``tq_core.graph_step``) in one launch: the keys and values at ring
+    slot ``t % W`` of ``ring_k``/``ring_v`` (B, H, W, D) encoded into the history buffers ``hist_k``/
+    ``hist_v`` (fields (B, H, capacity, ...)) at position ``base + t``, t read from ``clock`` on the
+    device. False (nothing written) where the device has no such kernel."""
+    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused
+            and set(hist_k) == set(hist_v) == {"codes", "norms"}):
+        return False
+    ops = for_array(ring_k)
+    module = ops.encode_kernel(ring_k)
+    qk, qv = codec_k.q, codec_v.q
+    if (getattr(module, "encode_pair_into", None) is None or not _encodes(module, qk, ring_k, ops)
+            or not _encodes(module, qv, ring_v, ops) or qk.norm_correction != qv.norm_correction
+            or ring_k.dtype != ring_v.dtype or not ring_k.is_contiguous() or not ring_v.is_contiguous()):
+        return False
+    views = [_rows(h["codes"][:, :, :1], h["norms"][:, :, :1]) for h in (hist_k, hist_v)]
+    if None in views:
+        return False
+    d = ring_k.shape[-1]
+    xk, xv = (r[:, :, 0].view(-1, d) for r in (ring_k, ring_v))  # slot 0 of every row; t moves it
+    kinds = [dict(_encode_args(module, q, ring_k), codes=c, norms=n) for q, (c, n) in zip((qk, qv), views)]
+    strides = (ring_k.stride(2), hist_k["codes"].stride(2), hist_k["norms"].stride(2),
+               ring_v.stride(2), hist_v["codes"].stride(2), hist_v["norms"].stride(2))
+    module.encode_pair_into(xk, xv, *kinds, norm_correction=qk.norm_correction,
+                            at={"clock": clock, "ring": ring_k.shape[2], "base": int(base), "strides": strides})
+    return True
+
+
+def ring_write(k, v, ring_k, ring_v, clock) -> bool:
+    """The new token ``k``, ``v`` (B, H, 1, D) into slot ``t % W`` of the rings, t from ``clock`` on the
+    device, in one launch; False (nothing written) where the device has no such kernel."""
+    module = for_array(ring_k).encode_kernel(ring_k)
+    if getattr(module, "ring_write", None) is None:
+        return False
+    module.ring_write(k, v, ring_k, ring_v, clock)
     return True
 
 

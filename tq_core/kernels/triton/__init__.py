@@ -5,7 +5,8 @@
     attend_step(q, scale, dense, *, q_rot, hist, length, rot_v, ...) -> out      decode_step.py
     encode_into(x, rot_t, boundaries, centroids, *, bits, norm_correction, codes_out, norms_out)
                                                                          encode.py
-    encode_pair_into(xk, xv, k, v, *, norm_correction)  keys and values in one launch    encode.py
+    encode_pair_into(xk, xv, k, v, *, norm_correction, at=None)  keys and values in one launch    encode.py
+    ring_write(k, v, ring_k, ring_v, clock)   a static decode step's new token into its ring    ring.py
 
 Importing this package does not import triton or torch: the names above load their module on
 first use, so a machine without triton can import the package and ask ``available()`` -> (ok, reason).
@@ -17,13 +18,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-__all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "available", "INSTALL_HINT"]
+__all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "ring_write", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = "triton not installed: pip install triton"
 
 _LAZY = {"attend_codes": "decode_attention", "byte_tables": "decode_attention", "attend_step": "decode_step",
          "encode_into": "encode", "encode_pair_into": "encode",
-         "symmetric": "encode"}
+         "symmetric": "encode", "ring_write": "ring"}
 
 
 def available() -> tuple[bool, str]:

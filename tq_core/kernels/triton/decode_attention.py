@@ -335,7 +335,7 @@ def _attend_split_kernel(
     VN, s_vnb, s_vnh, s_vnn,
     KCENT, VCENT,
     M_WS, L_WS, O_WS,
-    length, LEN_PTR, tokens_per_split, qk_scale, HKV, n_splits,
+    length, LEN_PTR, len_base, tokens_per_split, qk_scale, HKV, n_splits,
     LEN_DEV: tl.constexpr, G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, WREAL: tl.constexpr, W: tl.constexpr,
     BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -390,7 +390,7 @@ def _attend_split_kernel(
     # 1-element arrays that recent numpy refuses to turn into a loop bound) and tiles past the
     # length are masked out, the running max kept finite by ``m_safe``.
     if LEN_DEV:
-        length = tl.load(LEN_PTR)
+        length = len_base + tl.load(LEN_PTR)
     start = pid_s * tokens_per_split
     n_tiles = tl.cdiv(tl.maximum(tl.minimum(length - start, tokens_per_split), 0), BLOCK_N)
     wmask_i = (i < WREAL)[None, :]
@@ -650,11 +650,12 @@ def _check_lut(lut, q_rot) -> str:
 
 def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, *, bits_k, bits_v,
                    length, scale, lut=None, block_n=None, splits=None, num_warps=1, num_stages=2,
-                   maxnreg=None, k_table=None, v_table=None, length_dev=None):
+                   maxnreg=None, k_table=None, v_table=None, length_dev=None, length_base=0):
     """Run the split kernel over ``length`` > 0 held tokens (arguments checked by the caller):
     (m, l, o) partials per (batch x KV head, split, query row) in base 2, and the split count.
-    ``length_dev``: a (1,) int32 tensor on the device holding the tokens to read (at most
-    ``length``, which then sizes the grid): what a CUDA graph replays while the history grows."""
+    ``length_dev``: a (1,) int64 tensor on the device; ``length_base + length_dev`` tokens are read
+    (at most ``length``, which then sizes the grid): what a CUDA graph replays while the history
+    grows."""
     B, Hq, Tq, D = q_rot.shape
     Hkv = k_codes.shape[1]
     dev = q_rot.device
@@ -701,7 +702,7 @@ def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_cen
         v_norms, *v_norms.stride(),
         k_centroids, v_centroids,
         ws_m, ws_l, ws_o,
-        length, q_rot if length_dev is None else length_dev, tps, float(scale) * _LOG2E, Hkv, splits,
+        length, q_rot if length_dev is None else length_dev, int(length_base), tps, float(scale) * _LOG2E, Hkv, splits,
         LEN_DEV=length_dev is not None, G=G, TQ=Tq, D=D, WREAL=wreal, W=W, BITS_K=bits_k, BITS_V=bits_v,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, ASM_K=asm_k, ASM_V=asm_v, F32=f32,
         ALIGNED_K=_aligned(k_codes, bits_k), ALIGNED_V=_aligned(v_codes, bits_v),

@@ -150,7 +150,7 @@ def _step_kernel(
 
 def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 0, rot_v=None,
                 bits_k: int = 0, bits_v: int = 0, k_centroids=None, v_centroids=None, k_table=None,
-                v_table=None, lut: str | None = None, length_dev=None, out=None):
+                v_table=None, lut: str | None = None, length_dev=None, length_base: int = 0, out=None):
     """Attention of ``q`` (B, Hq, Tq, D) over a compressed layer, in two launches.
 
     Args:
@@ -164,9 +164,9 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
             history; length: its held tokens (0: no history, then q_rot and hist are not read);
             rot_v: V's rotation (D, D) float32 (o = o_rot @ rot_v); bits, centroids, tables and
             ``lut`` as for ``attend_codes``.
-        length_dev: optional (1,) int32 CUDA tensor: the history's held tokens read on the device
-            (1..``length``; ``length`` then sizes the grid), so a CUDA graph of the call stays valid
-            as the history grows.
+        length_dev, length_base: optional (1,) int64 device tensor t: the history's held tokens are
+            ``length_base + t``, read on the device (1..``length``; ``length`` then sizes the grid),
+            so a CUDA graph of the call stays valid as the history grows.
         out: optional (B, Hq, Tq, D) tensor in ``q``'s dtype to write into.
 
     Returns: (B, Hq, Tq, D) in ``q``'s dtype.
@@ -203,7 +203,7 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
         k_codes, k_norms, v_codes, v_norms = hist
         ws_m, ws_l, ws_o, splits = _launch_splits(
             q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, bits_k=bits_k, bits_v=bits_v,
-            length=int(length), scale=scale, lut=lut, k_table=k_table, v_table=v_table, length_dev=length_dev)
+            length=int(length), scale=scale, lut=lut, k_table=k_table, v_table=v_table, length_dev=length_dev, length_base=length_base)
         if tuple(rot_v.shape) != (D, D) or rot_v.dtype != torch.float32 or not rot_v.is_contiguous():
             raise ValueError(f"rot_v must be a contiguous ({D}, {D}) float32 tensor")
     else:

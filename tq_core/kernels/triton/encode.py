@@ -287,13 +287,26 @@ def _encode_pair_kernel(
     XK, s_kxn, s_kxd, RTK, BNDK, CENTK, CODESK, s_kcn, NORMSK, s_knn,
     XV, s_vxn, s_vxd, RTV, BNDV, CENTV, CODESV, s_vcn, NORMSV, s_vnn,
     n_rows, n_iters, n_progs,
+    CLOCK, ring_w, out_base, s_kxs, s_kcs, s_kns, s_vxs, s_vcs, s_vns,
     D: tl.constexpr, DP: tl.constexpr, WREAL: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     NORM_CORR: tl.constexpr, XP: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED_K: tl.constexpr,
     ALIGNED_V: tl.constexpr, ITERS_CT: tl.constexpr, INTERP: tl.constexpr, PERM: tl.constexpr,
-    SYM_K: tl.constexpr, SYM_V: tl.constexpr, CH: tl.constexpr,
+    SYM_K: tl.constexpr, SYM_V: tl.constexpr, CH: tl.constexpr, AT: tl.constexpr,
 ):
     """Keys (program_id(1) = 0) and values (1) of the same rows in one launch: a decode step's token
-    leaving the window, both kinds with their own bits, rotation and codebook."""
+    leaving the window, both kinds with their own bits, rotation and codebook. With ``AT`` the
+    token is read from a ring slot and written at a history position both taken from the device
+    clock ``t`` (slot ``t % ring_w``, position ``out_base + t``; ``s_*s``: each buffer's token stride)."""
+    if AT:
+        t = tl.load(CLOCK)
+        slot = t % ring_w
+        o = out_base + t
+        XK = XK + slot * s_kxs
+        XV = XV + slot * s_vxs
+        CODESK = CODESK + o * s_kcs
+        CODESV = CODESV + o * s_vcs
+        NORMSK = NORMSK + o * s_kns
+        NORMSV = NORMSV + o * s_vns
     if tl.program_id(1) == 0:
         _encode_rows(tl.program_id(0), XK, s_kxn, s_kxd, RTK, BNDK, CENTK, CODESK, s_kcn, NORMSK, s_knn,
                      n_rows, n_iters, n_progs, D, DP, WREAL, BITS_K, NORM_CORR, XP, BLOCK_R, ALIGNED_K,
@@ -420,7 +433,7 @@ def _aligned(codes_out, bits: int, N: int) -> bool:
     return codes_out.data_ptr() % wb == 0 and (codes_out.stride(0) % wb == 0 or N == 1)
 
 
-def encode_pair_into(xk, xv, k, v, *, norm_correction: bool):
+def encode_pair_into(xk, xv, k, v, *, norm_correction: bool, at: dict | None = None):
     """Keys and values of the same N rows, encoded in one launch into their buffers.
 
     Args:
@@ -430,6 +443,10 @@ def encode_pair_into(xk, xv, k, v, *, norm_correction: bool):
             ``codes`` (N, ceil(D/8) * bits) uint8 (last axis contiguous) and ``norms`` (N,) float16:
             what ``encode_into`` takes and checks, here checked for shape and device only (the caller,
             a cache's store, made them).
+        at: with a device clock (``graph_step``): {"clock": (1,) int64 tensor t, "ring": slots W,
+            "base": int, "strides": (token strides of xk, k codes, k norms, xv, v codes, v norms)};
+            row i is then read at slot t % W of xk/xv and written at position base + t (the row
+            views given are those of slot 0 and position 0).
     Same codes and norms as two ``encode_into`` calls.
     """
     N, D = xk.shape
@@ -448,7 +465,8 @@ def encode_pair_into(xk, xv, k, v, *, norm_correction: bool):
         xv, xv.stride(0), xv.stride(1), v["rot_t"], v["boundaries"], v["centroids"],
         v["codes"], v["codes"].stride(0), v["norms"], v["norms"].stride(0),
         N, plan["n_iters"], plan["programs"],
+        *((at["clock"], at["ring"], at["base"], *at["strides"]) if at else (xk, 1, 0, 0, 0, 0, 0, 0, 0)),
         BITS_K=k["bits"], BITS_V=v["bits"], NORM_CORR=bool(norm_correction),
         ALIGNED_K=_aligned(k["codes"], k["bits"], N), ALIGNED_V=_aligned(v["codes"], v["bits"], N),
-        SYM_K=k["symmetric"], SYM_V=v["symmetric"], **plan["constexprs"], **plan["launch"],
+        SYM_K=k["symmetric"], SYM_V=v["symmetric"], AT=bool(at), **plan["constexprs"], **plan["launch"],
     )
