@@ -182,7 +182,8 @@ _add("rms_dp_pct", "%", "lower", "RMS change of the probability of the correct n
 _add("positions_scored", "token", "none", "next-token positions scored")
 _add("bits_per_channel_codes", "bit", "lower", "bits per channel of the encoded tokens alone: codes + norms")
 for _part, _what in (("codes", "packed codes"), ("norms", "stored norms"), ("sinks", "full-precision attention sinks"),
-                     ("window", "full-precision recent window"), ("other", "any other part of the compressed layers")):
+                     ("window", "full-precision recent window"), ("centers", "per-head key centers (c=1), float32"),
+                     ("other", "any other part of the compressed layers")):
     _add(f"bytes_{_part}", "B", "lower", f"bytes the compressed cache holds in its {_what}")
 for _part, _what in (("scales", "quantization scales (a peer's cache)"),
                      ("zeros", "quantization zero points, shifts or biases (a peer's cache)"),

@@ -52,14 +52,20 @@ def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, la
                   spans: list[int] | None = None) -> int:
     """What the layout should hold in ``layers`` compressed layers (default: all of ``spec``): the
     method's fields per encoded token (from its codecs' declared field shapes), full precision
-    sinks/window. ``spans``: each compressed layer's sliding window (0: full attention), which
+    sinks/window, and with centered keys (``c=1``) one float32 key center per KV head once a token
+    is encoded. ``spans``: each compressed layer's sliding window (0: full attention), which
     bounds what it holds (``held_tokens``)."""
+    from tq_core import methods
+
     per_vec = sum(field_bytes(c) for c in (codec_k, codec_v))
+    centered = config.center and "center" in methods.get(config.method).options
     spans = [0] * (spec.layers if layers is None else layers) if spans is None else spans
     total = 0
     for span in spans:
         fp_tokens, enc = held_tokens(config, tokens, span)
         total += spec.kv_heads * (enc * per_vec + fp_tokens * spec.head_dim * 2 * fp_bytes)
+        if centered and tokens > config.sinks + (min(config.window, span - 1) if span else config.window):
+            total += spec.kv_heads * spec.head_dim * 4
     return total
 
 
@@ -197,7 +203,7 @@ def record_peer(record, spec, config, context: int, held: int, base: int, parts:
     record("ratio_vs_fp16", held / base, "x", **labels)
     record("bytes_per_token_per_head", held / (context * spec.layers * spec.kv_heads), "B", **labels)
     record("bits_per_channel", held * 8 / (context * spec.layers * spec.kv_heads * spec.head_dim * 2), "bit", **labels)
-    for part in ("codes", "scales", "zeros", "residual", "uncompressed"):
+    for part in ("codes", "scales", "zeros", "residual", "centers", "uncompressed"):
         if part in parts:
             record(f"bytes_{part}", parts[part], "B", **labels)
     if peak is not None:

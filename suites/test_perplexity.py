@@ -273,7 +273,8 @@ def record_held(record, host, cache, config, labels: dict, base_cache=None, spec
         # a peer's quantized tokens: codes + scales + zero points, per channel of every layer
         codes_bits = sum(held.get(p, 0) for p in ("codes", "scales", "zeros")) * 8 / (enc * held["channels"])
         record("bits_per_channel_codes", codes_bits, "bit", **labels)
-    for part in ("codes", "norms", "scales", "zeros", "residual", "sinks", "window", "other", "spare", "uncompressed"):
+    for part in ("codes", "norms", "scales", "zeros", "residual", "sinks", "window", "centers", "other", "spare",
+                 "uncompressed"):
         if part in held:
             record(f"bytes_{part}", held[part], "B", **labels)
     if base_cache is not None:
