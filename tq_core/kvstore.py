@@ -15,8 +15,9 @@ of the first ``window + 1`` positions after the sinks (the same tokens whatever 
 offset shared by all tokens (a k_proj bias) is most of some layers' key energy and adds the same
 logit to every position, so attention is unchanged by removing it, while the codes' error
 (proportional to what they encode) shrinks to the part that varies. Values are not centered: on
-SmolLM2-135M that cost KLD (0.0050 -> 0.0083 at 512 tokens, K4V2+s4w128, decode semantics) where
-centered keys alone gained (0.0046). The history lives in preallocated buffers per field,
+SmolLM2-135M (K4V2+s4w128, 1 024 tokens, decode semantics, torch-cpu) centering keys and values (as
+commit 1c0c9d1 did) took KLD from 0.0088 to 0.0125, keys alone to 0.0075
+(reports/results/cpu/20261201T111208_5f9a803a54.json). The history lives in preallocated buffers per field,
 ``(batch, kv_heads, capacity, *field shape)``, that grow by blocks (amortized O(1) per token, no
 per-token concatenation); ``reserve(tokens)`` sizes them up front.
 
