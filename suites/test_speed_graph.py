@@ -44,36 +44,6 @@ def _cuda_only(backend):
         pytest.skip(f"{backend}: a CUDA graph replay needs torch on a CUDA device (--tq-target torch-cuda)")
 
 
-def _capture(step):
-    """A CUDA graph of ``step()`` (run once eagerly first: compiles kernels, caches constants)."""
-    import torch
-
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize()
-    return graph
-
-
-def _replay_seconds(graph, n: int) -> float:
-    """Median seconds of one replay, over ``n`` replays timed with CUDA events."""
-    import statistics
-
-    import torch
-
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
 @pytest.mark.codec
 @pytest.mark.parametrize("context,batch", CASES, ids=[f"context={c}" + (f"-batch={b}" if b > 1 else "") for c, b in CASES])
 def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, record, headline):
@@ -127,14 +97,14 @@ def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, rec
     base_graphs, refused = {}, {}
     for b in host.sdpa_backends():
         try:
-            base_graphs[b] = _capture(base_step(b))
+            base_graphs[b] = host.graph(base_step(b))
         except RuntimeError as e:  # a backend that cannot be captured is left out, and said so
             refused[b] = str(e).splitlines()[0][:200]
             torch.cuda.synchronize()
     assert base_graphs, f"no SDPA backend could be captured: {refused}"
-    base_s = {b: _replay_seconds(g, ROUNDS) for b, g in base_graphs.items()}
+    base_s = {b: host.replay_seconds(g, ROUNDS) for b, g in base_graphs.items()}
     best = min(base_s, key=base_s.get)
-    tq_graph = _capture(tq_step)  # its eager first run is the first decode step
+    tq_graph = host.graph(tq_step)  # its eager warm-up run is the first decode step
     base = timing.HandTimer(WARMUP)
 
     def setup():

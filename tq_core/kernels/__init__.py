@@ -140,16 +140,11 @@ def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
     """Encode keys ``k`` and values ``v`` (B, H, t, D) of the same tokens in one fused launch straight
     into their buffers' views (``out_k``/``out_v``: {"codes": (B, H, t, bytes), "norms": (B, H, t)});
     False (nothing written) where that kernel does not apply (then each kind is encoded on its own)."""
-    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused
-            and set(out_k) == set(out_v) == {"codes", "norms"}):  # TurboQuant's own fields only
+    module = _pair_kernel(codec_k, codec_v, out_k, out_v, k, v)
+    if module is None:
         return False
-    ops = for_array(k)
-    module = ops.encode_kernel(k)
     qk, qv = codec_k.q, codec_v.q
-    if (getattr(module, "encode_pair_into", None) is None or not _encodes(module, qk, k, ops)
-            or not _encodes(module, qv, v, ops) or qk.norm_correction != qv.norm_correction
-            or tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype):
-        return False
+    ops = for_array(k)
     views = [_rows(out["codes"], out["norms"]) for out in (out_k, out_v)]
     if None in views:
         return False
@@ -160,21 +155,31 @@ def encode_pair_into(codec_k, codec_v, k, v, out_k: dict, out_v: dict) -> bool:
     return True
 
 
+def _pair_kernel(codec_k, codec_v, out_k: dict, out_v: dict, k, v):
+    """The device's module whose ``encode_pair_into`` takes these codecs (TurboQuant's own fields, one
+    norm correction) and inputs ``k``, ``v`` (one shape and dtype), or None."""
+    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused
+            and set(out_k) == set(out_v) == {"codes", "norms"}):  # TurboQuant's own fields only
+        return None
+    ops = for_array(k)
+    module = ops.encode_kernel(k)
+    qk, qv = codec_k.q, codec_v.q
+    if (getattr(module, "encode_pair_into", None) is None or not _encodes(module, qk, k, ops)
+            or not _encodes(module, qv, v, ops) or qk.norm_correction != qv.norm_correction
+            or tuple(k.shape) != tuple(v.shape) or k.dtype != v.dtype):
+        return None
+    return module
+
+
 def spill_at(codec_k, codec_v, ring_k, ring_v, hist_k: dict, hist_v: dict, clock, base: int) -> bool:
     """A static decode step's spill (``tq_core.graph_step``) in one launch: the keys and values at ring
     slot ``t % W`` of ``ring_k``/``ring_v`` (B, H, W, D) encoded into the history buffers ``hist_k``/
     ``hist_v`` (fields (B, H, capacity, ...)) at position ``base + t``, t read from ``clock`` on the
     device. False (nothing written) where the device has no such kernel."""
-    if not (_turboquant(codec_k, codec_v) and codec_k.fused and codec_v.fused
-            and set(hist_k) == set(hist_v) == {"codes", "norms"}):
+    module = _pair_kernel(codec_k, codec_v, hist_k, hist_v, ring_k, ring_v)
+    if module is None or not ring_k.is_contiguous() or not ring_v.is_contiguous():
         return False
-    ops = for_array(ring_k)
-    module = ops.encode_kernel(ring_k)
     qk, qv = codec_k.q, codec_v.q
-    if (getattr(module, "encode_pair_into", None) is None or not _encodes(module, qk, ring_k, ops)
-            or not _encodes(module, qv, ring_v, ops) or qk.norm_correction != qv.norm_correction
-            or ring_k.dtype != ring_v.dtype or not ring_k.is_contiguous() or not ring_v.is_contiguous()):
-        return False
     views = [_rows(h["codes"][:, :, :1], h["norms"][:, :, :1]) for h in (hist_k, hist_v)]
     if None in views:
         return False
