@@ -125,7 +125,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cache_config", h.matrix, ids=_ids("config"))
 
 
-SPEED_MODULES = ("test_speed.py", "test_speed_attention.py")  # reports.coverage.SPEED_SUITES
+SPEED_MODULES = ("test_speed.py", "test_speed_attention.py", "test_speed_graph.py")  # reports.coverage.SPEED_SUITES
 XDIST_SPEED_SKIP = ("speed suites are timed in a serial pass: pytest-benchmark is off under pytest-xdist, and "
                     "parallel workers would contend for the device's memory and time (run them without -n)")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .runs import Run, suite_of
 
 HEADLINE_SUITES = ("memory", "mse", "attention", "perplexity", "generation", "needle")
-SPEED_SUITES = ("speed", "speed_attention")
+SPEED_SUITES = ("speed", "speed_attention", "speed_graph")
 
 
 @dataclass

@@ -26,6 +26,8 @@ DEFAULT_BASELINE = {
     "speed": "uncompressed cache / fp16 vectors on the same machine",
     "speed_attention": "the same tokens as 16-bit K/V (bf16 on a GPU, fp32 on torch's CPU), preallocated, read by "
                        "the backend's scaled-dot-product attention (flash kernel on CUDA), same run",
+    "speed_graph": "a bf16 cache of the same tokens, preallocated, its step (write + SDPA, flash and torch's own "
+                   "choice, the faster one) replayed as a CUDA graph like the compressed one, same run",
 }
 
 

@@ -38,10 +38,14 @@ SUITES = {
                         "rotated once, history scored from its codes — against the baseline's attention over the "
                         "same tokens, by context and batch; and the longest context a fixed KV memory budget "
                         "holds, by allocating it."),
+    "speed_graph": ("Speed: a decode step replayed as a CUDA graph",
+                    "All 32 layers of the Llama-3-8B geometry, each step captured once and replayed as serving "
+                    "stacks run it (no host time): the compressed cache's static step (device-side lengths, "
+                    "window ring) against the bf16 cache's, by context and batch."),
 }
 FIGURES = {"memory": plots.memory, "mse": plots.mse, "attention": plots.attention, "generation": plots.generation,
            "needle": plots.needle, "speed": plots.speed, "speed_attention": plots.speed_attention}
-SPEED_SUITES = ("speed", "speed_attention")
+SPEED_SUITES = ("speed", "speed_attention", "speed_graph")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .tables import TEXT_MAX, show
 # Labels that are not inputs of a measurement: outputs of the test, or restatements of a label.
 IGNORED_LABELS = {"spec", "answer", "diverged", "text_base", "text_tq", "versions_golden"}
 # Tests that never load the real model although their suite does: their series do not carry its weights.
-MODEL_FREE_SUITES = {"memory", "speed", "speed_attention"}
+MODEL_FREE_SUITES = {"memory", "speed", "speed_attention", "speed_graph"}
 MODEL_FREE_TESTS = {"test_random_unit_vectors"}
 SHORT_LABELS = ("extra", "mode", "tokens", "chunk", "context", "batch", "d", "bits", "op", "phase")
 MAD_SIGMA = 1.4826  # MAD -> standard deviation of a normal distribution
