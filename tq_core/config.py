@@ -62,7 +62,9 @@ class CacheConfig:
     center: TurboQuant (label option ``c=1``): hold keys minus a per-head mean fixed when the
         first tokens leave the window (``tq_core.kvstore``): a key offset shared by every token (a
         k_proj bias) changes no attention weight but is what the codes would spend their error
-        on. Off by default: it is a per-model choice (README, Known limits and Models).
+        on. Measured at 1 024 tokens, decode semantics, K4V2+s4w128 (README, Recommended configs):
+        KLD 1.85 -> 0.0038 on Qwen2.5-Coder-1.5B, 0.0144 -> 0.0050 on Gemma-3 270M, 0.0088 ->
+        0.0075 on SmolLM2-135M. Off by default until the default model's bands are recalibrated.
     group_size: uniform method: channels per scale/zero group (0 = the whole vector); the peers
         quanto, hqq, mlxkv: their group size (0 = the library's default, 64).
     variant: llamacpp method: llama.cpp's type family for 5 and 4 bits ("" q5_0/q4_0, "1" q5_1/q4_1,
