@@ -8,7 +8,8 @@ the same way:
 
 * compressed: per layer ``graph_step.StaticLayer.step`` (attention over sinks, the packed history,
   the window ring and the new token in the whole-call kernels, then the token leaving the window
-  encoded into the history and the new one written into the ring; five launches), and one shared
+  encoded into the history (on a side stream beside the attention with ``overlap=1``, in order with
+  ``overlap=0``) and the new one written into the ring; five launches), and one shared
   clock moved on per step: every index on the device, so each replay is the next decode step (the
   history grows by one token per replay);
 * bf16 baseline: per layer the new token written in place into a preallocated (B, 8, capacity, 128)
@@ -45,8 +46,9 @@ def _cuda_only(backend):
 
 
 @pytest.mark.codec
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap=1", "overlap=0"])
 @pytest.mark.parametrize("context,batch", CASES, ids=[f"context={c}" + (f"-batch={b}" if b > 1 else "") for c, b in CASES])
-def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, record, headline):
+def test_graph_decode_tokens_per_s(backend, host, context, batch, overlap, benchmark, record, headline):
     import torch
 
     from tq_core.graph_step import StaticLayer
@@ -73,7 +75,7 @@ def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, rec
         del k, v
     stores = host.stores(cache)
     clock = torch.zeros(1, dtype=torch.int64, device="cuda")  # one clock for all layers, moved once per step
-    statics = [StaticLayer(s, capacity - config.sinks - config.window, clock=clock) for s in stores]
+    statics = [StaticLayer(s, capacity - config.sinks - config.window, clock=clock, overlap=overlap) for s in stores]
     q = randn(batch, hq, 1, d)
     new = [(randn(batch, h, 1, d), randn(batch, h, 1, d)) for _ in range(layers)]
     outs = [torch.empty((batch, hq, 1, d), device="cuda", dtype=dtype) for _ in range(layers)]
@@ -128,7 +130,7 @@ def test_graph_decode_tokens_per_s(backend, host, context, batch, benchmark, rec
     med = timing.median(benchmark)
     if med is None:
         return
-    labels = dict(model=SHAPE.name, context=context, layers=layers, mode="graph",
+    labels = dict(model=SHAPE.name, context=context, layers=layers, mode="graph", overlap=int(overlap),
                   **({"batch": batch} if batch > 1 else {}), dtype="bfloat16", **timing.conditions(host))
     tps = {"baseline": 1 / base.median, config.label: 1 / med}
     for name, value in tps.items():

@@ -37,9 +37,10 @@ class StaticLayer:
     """The decode step of ``store`` (a full-attention ``LayerStore`` in its steady state) for up to
     ``capacity`` encoded history tokens, with every index on the device (see the module docstring).
     ``clock``: a (1,) int64 tensor on the store's device shared by layers (read once here); None:
-    the layer keeps its own."""
+    the layer keeps its own. ``overlap``: on CUDA, encode the token leaving the window on a side
+    stream beside the attention (captured as a fork and join in a graph)."""
 
-    def __init__(self, store: LayerStore, capacity: int, clock=None):
+    def __init__(self, store: LayerStore, capacity: int, clock=None, overlap: bool = True):
         import torch
 
         if not isinstance(store, LayerStore):
@@ -78,6 +79,7 @@ class StaticLayer:
         self.ring_v = torch.roll(store.win_v, t0 % w, 2).contiguous()
         self._synced = held
         self._fn = None
+        self.overlap, self._stream = overlap, None
 
     def step(self, q, k, v, scale: float, out=None):
         """Attend ``q`` (B, Hq, 1, D) over what is held plus this step's ``k``, ``v`` (B, H, 1, D),
@@ -98,15 +100,20 @@ class StaticLayer:
                                  "for this codec, query shape and head_dim")
         sinks = None if s.sink_k is None else (s.sink_k, s.sink_v)
         hist_k, hist_v = s.hist_k.buffers, s.hist_v.buffers
+        # The ring's oldest token leaves the window, encoded at the history's end: on a side stream
+        # where there is one (CUDA), beside the attention, which reads neither the position it writes
+        # (past the length) nor anything it changes; the ring write waits for both.
+        side = self._side(q)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._spill(hist_k, hist_v)
         out = self._fn(q, (sinks, (self.ring_k, self.ring_v), (k, v)), hist_k, hist_v, self.capacity, scale,
                        length_dev=self.clock, length_base=self.base, out=out)
-        # The ring's oldest token leaves the window: encoded at the history's end.
-        if not kernels.spill_at(s.codec_k, s.codec_v, self.ring_k, self.ring_v, hist_k, hist_v, self.clock, self.base):
-            slot = torch.remainder(self.clock, self.ring_k.shape[2])
-            pos = self.clock + self.base
-            for codec, ring, buffers in ((s.codec_k, self.ring_k, hist_k), (s.codec_v, self.ring_v, hist_v)):
-                for name, value in codec.encode(ring.index_select(2, slot)).items():
-                    buffers[name].index_copy_(2, pos, value)
+        if side is None:
+            self._spill(hist_k, hist_v)
+        else:
+            torch.cuda.current_stream().wait_stream(side)
         # rounded to the ring's 16 bits by torch, as the eager store rounds its window (a no-op when
         # the model computes in that dtype)
         k, v = k.to(self.ring_k.dtype), v.to(self.ring_v.dtype)
@@ -117,6 +124,30 @@ class StaticLayer:
         if self.own_clock:
             self.clock.add_(1)
         return out
+
+    def _side(self, q):
+        """The side stream the spill runs on (CUDA, ``overlap``), made once; None: run in order."""
+        if not self.overlap or not getattr(q, "is_cuda", False):
+            return None
+        if self._stream is None:
+            import torch
+
+            self._stream = torch.cuda.Stream(device=q.device)
+        return self._stream
+
+    def _spill(self, hist_k: dict, hist_v: dict) -> None:
+        """Encode the ring's oldest token into the history at ``base + t`` (fused where the device has
+        it, else torch's indexed ops)."""
+        import torch
+
+        s = self.store
+        if kernels.spill_at(s.codec_k, s.codec_v, self.ring_k, self.ring_v, hist_k, hist_v, self.clock, self.base):
+            return
+        slot = torch.remainder(self.clock, self.ring_k.shape[2])
+        pos = self.clock + self.base
+        for codec, ring, buffers in ((s.codec_k, self.ring_k, hist_k), (s.codec_v, self.ring_v, hist_v)):
+            for name, value in codec.encode(ring.index_select(2, slot)).items():
+                buffers[name].index_copy_(2, pos, value)
 
     def sync(self) -> None:
         """Write the state back into the store (one host read): its history length, its window in
