@@ -92,7 +92,7 @@ class TurboQuantMLXCache(_BaseCache):
         s = self.store
         if s is None:
             return []
-        arrays = [s.sink_k, s.sink_v, s.win_k, s.win_v]
+        arrays = [s.sink_k, s.sink_v, s.win_k, s.win_v, s.center_k]
         for hist in (s.hist_k, s.hist_v):
             arrays += list((hist.buffers or {}).values())
         return [a for a in arrays if a is not None]
