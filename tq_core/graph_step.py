@@ -30,7 +30,7 @@ Triton whole-call kernels (CUDA; the interpreter on CPU in tests).
 from __future__ import annotations
 
 from . import kernels
-from .kvstore import LayerStore
+from .kvstore import LayerStore, centered
 
 
 class StaticLayer:
@@ -91,8 +91,7 @@ class StaticLayer:
         s = self.store
         if q.shape[2] != 1 or k.shape[2] != 1:
             raise ValueError(f"a static step takes one query and one new token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-        if s.center_k is not None:  # keys are held centered (CacheConfig.center)
-            k = (k.float() - s.center_k).to(k.dtype)
+        k = centered(k, s.center_k)  # as the store holds keys (CacheConfig.center), else k itself
         if self._fn is None:
             self._fn = s.attention_step(q, k.shape[1])
             if self._fn is None:

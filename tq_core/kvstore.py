@@ -443,9 +443,7 @@ class View:
         h = kv_like.shape[1]
         g = hq // h
         use_kernel = (self.store.attention == "auto") if kernel is None else kernel
-        new = self.new
-        if new is not None and self.center_k is not None:  # keys as every other one is held: centered
-            new = (ops.astype(ops.astype(new[0], ops.float32) - self.center_k, new[0].dtype), new[1])
+        new = self.new if self.new is None else (centered(self.new[0], self.center_k), self.new[1])
         if use_kernel and mask is None:
             # The whole call in the device's fused kernels, where it has them (CUDA).
             step = self.store.attention_step(q, h)
@@ -504,6 +502,15 @@ class View:
         s = masked(ops.matmul(qk, ops.swap_last2(ck.values_space(self.hist_k, ops.float32))), n_sink)
         o_space, lse = _softmax_parts(ops, [s], [cv.values_space(self.hist_v, ops.float32)])
         return cv.output(o_space), lse
+
+
+def centered(k, center):
+    """Keys ``k`` (B, H, t, D) as a centered store holds them: minus ``center`` (B, H, 1, D, float32),
+    in float32 and back to ``k``'s dtype; ``k`` itself when there is no center."""
+    if center is None:
+        return k
+    ops = for_array(k)
+    return ops.astype(ops.astype(k, ops.float32) - center, k.dtype)
 
 
 def _softmax_parts(ops, scores: list, values: list):
