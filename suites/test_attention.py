@@ -51,7 +51,6 @@ from fixtures import configs as config_registry
 from fixtures import targets
 from harness import hosts
 from suites import gates
-from tq_core import methods
 from tq_core.kvstore import LayerStore
 
 QUERY_ROWS = 256  # last positions scored, both tiers (the gates are set for this protocol)
@@ -149,7 +148,7 @@ def cache_view(cap, layer: int, config, host, mid: bool | None = None):
     k_hat, v_hat = view_at(T - 1)
     # Keys held centered (c=1): what is held is the centered key rounded to 16 bits (the sinks held
     # before the center existed: rounded, centered, rounded again), given back with the center added.
-    centered = config.center and "center" in methods.get(config.method).options
+    centered = config.centers_keys
     for name, got, orig, like in (("K", k_hat, cap.k[layer][0], kb), ("V", v_hat, cap.v[layer][0], vb)):
         assert got.shape == orig.shape, f"layer {layer}: store returned {name} {got.shape}, expected {orig.shape}"
         orig16 = rounded(orig, like)

@@ -55,10 +55,8 @@ def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, la
     sinks/window, and with centered keys (``c=1``) one float32 key center per KV head once a token
     is encoded. ``spans``: each compressed layer's sliding window (0: full attention), which
     bounds what it holds (``held_tokens``)."""
-    from tq_core import methods
-
     per_vec = sum(field_bytes(c) for c in (codec_k, codec_v))
-    centered = config.center and "center" in methods.get(config.method).options
+    centered = config.centers_keys
     spans = [0] * (spec.layers if layers is None else layers) if spans is None else spans
     total = 0
     for span in spans:

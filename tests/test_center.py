@@ -38,6 +38,7 @@ def test_label_round_trip_and_refusals():
     assert cfg.label == "K4V2+s4w8+c=1"
     assert CacheConfig.parse(cfg.label) == cfg
     assert CacheConfig.parse("K4V2+s4w8+c=0") == _cfg(False)
+    assert cfg.centers_keys and not _cfg(False).centers_keys
     with pytest.raises(ValueError, match="center is not an option of method 'uniform'"):
         CacheConfig(method="uniform", center=True)
     with pytest.raises(TypeError, match="center must be a bool"):

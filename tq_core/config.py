@@ -177,6 +177,13 @@ class CacheConfig:
         return (self.bits_k + self.bits_v) / 2
 
     @property
+    def centers_keys(self) -> bool:
+        """Whether a cache of this config holds keys centered: ``center`` set and the method takes it."""
+        from .methods import get
+
+        return self.center and "center" in get(self.method).options
+
+    @property
     def full_precision(self) -> int:
         """Positions held in full precision once the cache is full: sinks + window."""
         return self.sinks + self.window

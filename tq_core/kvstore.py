@@ -181,7 +181,7 @@ class LayerStore:
         self.win_k = self.win_v = None  # (B, H, <=window, D)
         self.hist_k = History(self.codec_k)
         self.hist_v = History(self.codec_v)
-        self.center = config.center and "center" in method.options
+        self.center = config.centers_keys
         self.center_k = None  # (B, H, 1, D) float32, once set (see the module docstring)
         self._steps: dict = {}  # (q shape, dtype, device, kv heads) -> the fused whole-call function or None
 
