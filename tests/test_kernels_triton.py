@@ -293,6 +293,9 @@ ENCODE_CASES = [
     dict(N=17, D=128, bits=1, x="fp16", nc=False),
     dict(N=9, D=32, bits=8, x="fp32", nc=True),
     dict(N=23, D=96, bits=5, x="bf16", nc=True),
+    # a decode step's rows take float32 FMAs by default (fma=None); both paths forced on small blocks
+    dict(N=5, D=64, bits=4, x="bf16", nc=True, fma=False),
+    dict(N=70, D=128, bits=2, x="fp16", nc=True, strided=True, fma=True),
 ]
 if CUDA:
     ENCODE_CASES += [
@@ -302,6 +305,9 @@ if CUDA:
         dict(N=20_001, D=128, bits=4, x="fp32", nc=False),
         dict(N=30_001, D=128, bits=4, x="fp32", nc=True),
         dict(N=4_001, D=256, bits=4, x="bf16", nc=True),
+        dict(N=64, D=128, bits=4, x="bf16", nc=True, strided=True),
+        dict(N=64, D=128, bits=4, x="bf16", nc=True, fma=False),
+        dict(N=2_000, D=128, bits=4, x="fp32", nc=True, fma=True),
     ]
 
 
@@ -324,7 +330,8 @@ def test_encode_into_matches_quantizer(case):
         nbuf = norms = torch.full((N,), math.nan, dtype=torch.float16, device=DEV)
     rot_t = torch.tensor(np.ascontiguousarray(rotation.haar(D, 5).T), dtype=torch.float32, device=DEV)
     c, b = _codebook_tensors(D, bits)
-    enc.encode_into(x.to(DEV), rot_t, b, c, bits=bits, norm_correction=case["nc"], codes_out=codes, norms_out=norms)
+    enc.encode_into(x.to(DEV), rot_t, b, c, bits=bits, norm_correction=case["nc"], codes_out=codes, norms_out=norms,
+                    fma=case.get("fma"))
     if case.get("strided"):
         untouched = torch.cat([buf[:, 0].flatten(), buf[:, 2].flatten(), buf[:, 1, :2].flatten(), buf[:, 1, 2 + nb:].flatten()])
         assert bool((untouched == 0xAB).all()), "wrote outside the codes view"

@@ -72,8 +72,8 @@ def _step_kernel(
     OUT, s_ob, s_oh, s_ot, s_od,
     qk_scale, HKV, shift,
     G: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, DC: tl.constexpr, HAS_HIST: tl.constexpr, INTERP: tl.constexpr,
-    T0_CT: tl.constexpr, T1_CT: tl.constexpr, T2_CT: tl.constexpr, CH_CT: tl.constexpr,
+    SP: tl.constexpr, CS: tl.constexpr, DC: tl.constexpr, HAS_HIST: tl.constexpr, INTERP: tl.constexpr,
+    T0_CT: tl.constexpr, T1_CT: tl.constexpr, T2_CT: tl.constexpr,
 ):
     """One program per (batch x KV head, query row): float32 products throughout (no tensor cores:
     one row reads a few hundred full-precision tokens and a (D, D) rotation, all from L2)."""
@@ -101,32 +101,28 @@ def _step_kernel(
                                    s_v2d, n2, b, h, d, d_ok, t, shift, qk_scale, True, BLOCK_N, INTERP, T2_CT)
 
     if HAS_HIST:
-        # The history: merge this row's split partials (BLOCK_S splits per load), DC output
-        # columns of V's rotated space at a time, each chunk rotated back as soon as it is summed.
+        # The history: merge this row's split partials and rotate the result back once. Every load
+        # has its address up front (the split count's power of two SP and the chunk sizes are
+        # compile-time, the loops unrolled), so the loads of all splits are in flight together
+        # instead of one dependent round trip per chunk of splits.
         base = pid_bh.to(tl.int64) * n_splits
-        sp = tl.arange(0, BLOCK_S)
-        n_chunks = tl.cdiv(n_splits, BLOCK_S)
-        m_v = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for ch in range(0, CH_CT if INTERP else n_chunks):
-            s_i = ch * BLOCK_S + sp
-            m_v = tl.maximum(m_v, tl.load(M_WS + (base + s_i) * GT + r, mask=s_i < n_splits, other=float("-inf")))
+        sp = tl.arange(0, SP)
+        m_v = tl.load(M_WS + (base + sp) * GT + r, mask=sp < n_splits, other=float("-inf"))
         m_h = tl.max(m_v, 0)
         m_hs = tl.where(m_h > float("-inf"), m_h, 0.0)
-        l_v = tl.zeros([BLOCK_S], tl.float32)
-        for ch in range(0, CH_CT if INTERP else n_chunks):
-            s_i = ch * BLOCK_S + sp
-            ok = s_i < n_splits
-            w = tl.exp2(tl.load(M_WS + (base + s_i) * GT + r, mask=ok, other=float("-inf")) - m_hs)
-            l_v += w * tl.load(L_WS + (base + s_i) * GT + r, mask=ok, other=0.0)
-        l_h = tl.sum(l_v, 0)
+        w_v = tl.exp2(m_v - m_hs)
+        l_h = tl.sum(w_v * tl.load(L_WS + (base + sp) * GT + r, mask=sp < n_splits, other=0.0), 0)
         o_h = tl.zeros([BLOCK_D], tl.float32)
         dc = tl.arange(0, DC)
-        for c in range(0, BLOCK_D // DC):
+        cs = tl.arange(0, CS)
+        for c in tl.static_range(BLOCK_D // DC):
+            # DC columns of V's rotated space summed over all splits, CS splits per load, then
+            # multiplied by the matching DC rows of R_v (one chunk when head_dim <= 128)
             col = c * DC + dc
             col_ok = col < D
             oc = tl.zeros([DC], tl.float32)
-            for ch in range(0, CH_CT if INTERP else n_chunks):
-                s_i = ch * BLOCK_S + sp
+            for sc in tl.static_range(SP // CS):
+                s_i = sc * CS + cs
                 ok = s_i < n_splits
                 w = tl.exp2(tl.load(M_WS + (base + s_i) * GT + r, mask=ok, other=float("-inf")) - m_hs)
                 o_s = tl.load(O_WS + ((base + s_i) * GT + r)[:, None] * D + col[None, :],
@@ -196,8 +192,7 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
     dev = q.device
     BH = B * Hkv
     BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_N = 32
-    BLOCK_S = 16
+    BLOCK_N = 64
     if length:
         _check_lut(lut, q_rot)
         k_codes, k_norms, v_codes, v_norms = hist
@@ -225,14 +220,14 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
             seg_args += [k, *k.stride(), v, *v.stride(), k.shape[2]]
             tiles.append(-(-k.shape[2] // BLOCK_N))
     n_own = 0 if dense[2] is None else dense[2][0].shape[2]
-    n_chunks = -(-splits // BLOCK_S)
+    SP = max(16, _next_pow2(splits))  # the split count's power of two: one compiled merge per power
+    DC = BLOCK_D if BLOCK_D <= 128 else 64  # rotated-space columns merged and rotated back per chunk
     _step_kernel[(BH, G * Tq)](
         ws_m, ws_l, ws_o, splits, rot_v,
         q, *q.stride(), *seg_args, out, *out.stride(),
         float(scale) * _LOG2E, Hkv, n_own - Tq,
-        G=G, TQ=Tq, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, DC=min(32, BLOCK_D),
+        G=G, TQ=Tq, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SP=SP, CS=16, DC=DC,
         HAS_HIST=bool(length), INTERP=interp,
         T0_CT=tiles[0] if interp else 0, T1_CT=tiles[1] if interp else 0, T2_CT=tiles[2] if interp else 0,
-        CH_CT=n_chunks if interp else 0,
-        **({} if interp else {"num_warps": 4}))
+        **({} if interp else {"num_warps": 8}))
     return out

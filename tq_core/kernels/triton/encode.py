@@ -199,11 +199,13 @@ def _encode_rows(
     D: tl.constexpr, DP: tl.constexpr, WREAL: tl.constexpr, BITS: tl.constexpr,
     NORM_CORR: tl.constexpr, XP: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr,
     ITERS_CT: tl.constexpr, INTERP: tl.constexpr, PERM: tl.constexpr, SYM: tl.constexpr,
-    CH: tl.constexpr,
+    CH: tl.constexpr, FMA: tl.constexpr,
 ):
     """Program ``pid``'s rows (pid + it * n_progs) * BLOCK_R ... of x; output columns in NCH = DP / CH
     chunks (one chunk up to D = 128: R stays on chip for the whole persistent program; wider heads
-    reload column chunks of R per row block, which keeps shared memory within the limit)."""
+    reload column chunks of R per row block, which keeps shared memory within the limit). ``FMA``: the
+    rotation as float32 products and sums instead of tensor-core pieces (a few rows per program, one
+    chunk: a decode step's tokens, where the latency of the tensor-core path's set-up dominates)."""
     NCH: tl.constexpr = DP // CH
     d = tl.arange(0, DP)
     dmask = d < D
@@ -217,7 +219,8 @@ def _encode_rows(
         else:
             col = j
         rt = tl.load(RT + d[:, None] * D + col[None, :], mask=dmask[:, None] & (col < D)[None, :], other=0.0)
-        r1, r2, r3 = _split3(rt)
+        if not FMA:
+            r1, r2, r3 = _split3(rt)
     for it in range(0, ITERS_CT if ITERS_CT > 0 else n_iters):
         rows = (pid + it * n_progs) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
@@ -230,7 +233,10 @@ def _encode_rows(
             # bf16 input, one chunk: the loaded tile is the only use of x (so its load pipelines
             # into shared memory) and |x| comes from the rotated vector: R is orthogonal, so
             # |x @ R.T| = |x| up to float32 rounding (<= 1 fp16 ulp on the stored norm).
-            acc = _rotate(x, x, r1, r2, r3, XP, INTERP)
+            if FMA:
+                acc = tl.sum(x.to(tl.float32)[:, :, None] * rt[None, :, :], axis=1)
+            else:
+                acc = _rotate(x, x, r1, r2, r3, XP, INTERP)
             norm = tl.sqrt(tl.sum(acc * acc, axis=1))
             nz = tl.maximum(norm, 1e-30)  # y = acc / nz, as in the reference
             code = tl.where((j < D)[None, :], _bucketize(acc, nz, BND, BITS, SYM), 0)
@@ -246,7 +252,9 @@ def _encode_rows(
             x1 = xf.to(tl.bfloat16)
             # A runtime loop over column chunks: one chunk's R pieces in shared memory at a time.
             for ch in range(0, NCH):
-                if NCH == 1:
+                if NCH == 1 and FMA:
+                    acc = tl.sum(xf[:, :, None] * rt[None, :, :], axis=1)
+                elif NCH == 1:
                     acc = _rotate(xf, x1, r1, r2, r3, XP, INTERP)
                 else:
                     cc = ch * CH + j
@@ -276,10 +284,10 @@ def _encode_kernel(
     D: tl.constexpr, DP: tl.constexpr, WREAL: tl.constexpr, BITS: tl.constexpr,
     NORM_CORR: tl.constexpr, XP: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr,
     ITERS_CT: tl.constexpr, INTERP: tl.constexpr, PERM: tl.constexpr, SYM: tl.constexpr,
-    CH: tl.constexpr,
+    CH: tl.constexpr, FMA: tl.constexpr,
 ):
     _encode_rows(tl.program_id(0), X, s_xn, s_xd, RT, BND, CENT, CODES, s_cn, NORMS, s_nn, n_rows, n_iters, n_progs,
-                 D, DP, WREAL, BITS, NORM_CORR, XP, BLOCK_R, ALIGNED, ITERS_CT, INTERP, PERM, SYM, CH)
+                 D, DP, WREAL, BITS, NORM_CORR, XP, BLOCK_R, ALIGNED, ITERS_CT, INTERP, PERM, SYM, CH, FMA)
 
 
 @triton.jit
@@ -291,7 +299,7 @@ def _encode_pair_kernel(
     D: tl.constexpr, DP: tl.constexpr, WREAL: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     NORM_CORR: tl.constexpr, XP: tl.constexpr, BLOCK_R: tl.constexpr, ALIGNED_K: tl.constexpr,
     ALIGNED_V: tl.constexpr, ITERS_CT: tl.constexpr, INTERP: tl.constexpr, PERM: tl.constexpr,
-    SYM_K: tl.constexpr, SYM_V: tl.constexpr, CH: tl.constexpr, AT: tl.constexpr,
+    SYM_K: tl.constexpr, SYM_V: tl.constexpr, CH: tl.constexpr, AT: tl.constexpr, FMA: tl.constexpr,
 ):
     """Keys (program_id(1) = 0) and values (1) of the same rows in one launch: a decode step's token
     leaving the window, both kinds with their own bits, rotation and codebook. With ``AT`` the
@@ -310,11 +318,11 @@ def _encode_pair_kernel(
     if tl.program_id(1) == 0:
         _encode_rows(tl.program_id(0), XK, s_kxn, s_kxd, RTK, BNDK, CENTK, CODESK, s_kcn, NORMSK, s_knn,
                      n_rows, n_iters, n_progs, D, DP, WREAL, BITS_K, NORM_CORR, XP, BLOCK_R, ALIGNED_K,
-                     ITERS_CT, INTERP, PERM, SYM_K, CH)
+                     ITERS_CT, INTERP, PERM, SYM_K, CH, FMA)
     else:
         _encode_rows(tl.program_id(0), XV, s_vxn, s_vxd, RTV, BNDV, CENTV, CODESV, s_vcn, NORMSV, s_vnn,
                      n_rows, n_iters, n_progs, D, DP, WREAL, BITS_V, NORM_CORR, XP, BLOCK_R, ALIGNED_V,
-                     ITERS_CT, INTERP, PERM, SYM_V, CH)
+                     ITERS_CT, INTERP, PERM, SYM_V, CH, FMA)
 
 
 def symmetric(boundaries, centroids, bits: int) -> bool:
@@ -339,7 +347,8 @@ def _next_pow2(n: int) -> int:
 
 def encode_into(x, rot_t, boundaries, centroids, *, bits: int, norm_correction: bool,
                 codes_out, norms_out, block_rows: int | None = None, num_warps: int | None = None,
-                programs: int | None = None, num_stages: int | None = None, is_symmetric: bool | None = None):
+                programs: int | None = None, num_stages: int | None = None, is_symmetric: bool | None = None,
+                fma: bool | None = None):
     """Encode rows of ``x`` into preallocated code and norm buffers.
 
     Args:
@@ -352,6 +361,9 @@ def encode_into(x, rot_t, boundaries, centroids, *, bits: int, norm_correction: 
             is computed, one host copy).
         norms_out: (N,) float16 (any stride).
         block_rows, num_warps, programs, num_stages: tuning knobs.
+        fma: the rotation as float32 FMAs, one row per program (default: for up to FMA_ROWS rows at
+            head_dim <= 128) instead of tensor-core products of bf16 pieces; the same codes up to
+            float32-rounding-level flips next to a boundary.
 
     Writes codes_out and norms_out with the same meaning as ``TurboQuantizer.encode(x)`` (codes
     equal up to float32-rounding-level flips next to a boundary). Returns (codes_out, norms_out).
@@ -386,7 +398,7 @@ def encode_into(x, rot_t, boundaries, centroids, *, bits: int, norm_correction: 
     rot_t = rot_t.contiguous()
     boundaries = boundaries.contiguous()
     centroids = centroids.contiguous()
-    plan = _plan(x, N, D, block_rows, num_warps, programs, num_stages)
+    plan = _plan(x, N, D, block_rows, num_warps, programs, num_stages, fma)
     sym = symmetric(boundaries, centroids, bits) if is_symmetric is None else is_symmetric
     _encode_kernel[(plan["programs"],)](
         x, x.stride(0), x.stride(1), rot_t, boundaries, centroids,
@@ -398,10 +410,26 @@ def encode_into(x, rot_t, boundaries, centroids, *, bits: int, norm_correction: 
     return codes_out, norms_out
 
 
-def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num_stages=None) -> dict:
+FMA_ROWS = 64  # up to this many rows (a decode step's tokens: batch x KV heads) the rotation is float32 FMAs
+
+
+def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num_stages=None, fma=None) -> dict:
     """Launch shape of an encode of N rows of x (N, D): program count, iterations, constexprs."""
     interp = _interpreting()
     DP = max(16, _next_pow2(D))
+    if fma is None:
+        fma = N <= FMA_ROWS and DP <= 128
+    elif fma and DP > 128:
+        raise ValueError(f"fma=True takes head_dim <= 128, got {D}")
+    if fma:
+        # One row per program, its rotation as float32 products summed per output column: a few
+        # microseconds of latency where the tensor-core path spends ~15 on its set-up for 8 rows.
+        return {"programs": N, "n_iters": 1,
+                "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP={torch.bfloat16: 1, torch.float16: 2,
+                                                                    torch.float32: 3}[x.dtype],
+                                   BLOCK_R=1, ITERS_CT=1 if interp else 0, INTERP=interp,
+                                   PERM=DP == D and D % 8 == 0, CH=DP, FMA=True),
+                "launch": {} if interp else {"num_warps": num_warps or 8, "num_stages": 1}}
     small = N <= 128 and DP <= 128
     if block_rows is None:
         # A decode step encodes one token per (batch, KV head): 16-row blocks of 4 warps (measured on
@@ -424,7 +452,7 @@ def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num
     return {"programs": programs, "n_iters": n_iters,
             "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP=xp, BLOCK_R=block_rows,
                                ITERS_CT=n_iters if interp else 0, INTERP=interp,
-                               PERM=DP == D and D % 8 == 0 and DP <= 128, CH=DP if DP <= 128 else 64),
+                               PERM=DP == D and D % 8 == 0 and DP <= 128, CH=DP if DP <= 128 else 64, FMA=False),
             "launch": {} if interp else {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}}
 
 
