@@ -679,9 +679,11 @@ def _launch_splits(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_cen
     if splits is None:
         # One-warp programs of ~216 registers: 8 are resident per SM, so a "wave" is 8 * SMs.
         # Fill two waves without spilling into a third (a 3 % tail wave costs a whole program
-        # time: measured 188 us vs 135 us at 8 x 32k), keeping >= 4 tiles per program.
+        # time: measured 188 us vs 135 us at 8 x 32k), keeping >= 4 tiles per program, except
+        # where one tile per program still fits one wave (short histories: the step's latency is
+        # then one tile's, not four).
         wave = 8 * _num_sms(dev)
-        splits = max(1, min((2 * wave) // BH, -(-n_tiles // 4), 512))
+        splits = max(1, min((2 * wave) // BH, max(-(-n_tiles // 4), min(n_tiles, wave // BH)), 512))
     splits = max(1, min(int(splits), max(n_tiles, 1)))
     tiles_per_split = -(-max(n_tiles, 1) // splits)
     tps = tiles_per_split * block_n

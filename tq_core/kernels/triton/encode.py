@@ -428,7 +428,7 @@ def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num
                 "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP={torch.bfloat16: 1, torch.float16: 2,
                                                                     torch.float32: 3}[x.dtype],
                                    BLOCK_R=1, ITERS_CT=1 if interp else 0, INTERP=interp,
-                                   PERM=DP == D and D % 8 == 0, CH=DP, FMA=True),
+                                   PERM=False, CH=DP, FMA=True),  # R's columns in order: coalesced loads
                 "launch": {} if interp else {"num_warps": num_warps or 8, "num_stages": 1}}
     small = N <= 128 and DP <= 128
     if block_rows is None:
