@@ -455,11 +455,21 @@ def _count_encoded(codec) -> list:
 
 @pytest.mark.parametrize("lib", ALL_LIBS)
 @pytest.mark.parametrize("method", METHODS)
-def test_history_grows_by_blocks_without_reencoding(lib, method):
+def test_history_grows_by_blocks_without_reencoding(lib, method, monkeypatch):
     cfg = CFG.replace(method=method)
     k, v = _data(700, 12)
     store = LayerStore(cfg, 0, D)
     enc_k, enc_v = _count_encoded(store.codec_k), _count_encoded(store.codec_v)
+    pair = kvstore.kernels.encode_pair_into  # a decode step's fused encode (keys and values in one call)
+
+    def counted_pair(codec_k, codec_v, kk, vv, *args):
+        done = pair(codec_k, codec_v, kk, vv, *args)
+        if done:
+            enc_k.append(int(kk.shape[2]))
+            enc_v.append(int(vv.shape[2]))
+        return done
+
+    monkeypatch.setattr(kvstore.kernels, "encode_pair_into", counted_pair)
     per_token = B * H * (_vector_bytes(store.codec_k) + _vector_bytes(store.codec_v))
     chunks = [20, 1, 1, 200, 1, 40, 3, 180, 1, 1, 250, 2]
     assert sum(chunks) == 700

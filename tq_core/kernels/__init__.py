@@ -1,5 +1,6 @@
 """Fused kernels for TurboQuant caches, chosen per codec and device: attention over a compressed
-history, and encoding (norm, rotation, codes, packing in one pass).
+history, and encoding (norm, rotation, codes, packing in one pass: Triton on CUDA; on CPU the C
+library for a decode step's few rows, ``kernels/cpu/encode.c``).
 
 ``attention_step(codec_k, codec_v, q, kv_heads)`` returns a function that runs a whole attention
 call (history, sinks, window and the call's own tokens, merged and rotated back) in two launches,
@@ -15,6 +16,8 @@ Which device gets which kernel is the ops shim's business (``ops.attention_kerne
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ..ops import for_array
 
@@ -177,7 +180,8 @@ def spill_at(codec_k, codec_v, ring_k, ring_v, hist_k: dict, hist_v: dict, clock
     ``hist_v`` (fields (B, H, capacity, ...)) at position ``base + t``, t read from ``clock`` on the
     device. False (nothing written) where the device has no such kernel."""
     module = _pair_kernel(codec_k, codec_v, hist_k, hist_v, ring_k, ring_v)
-    if module is None or not ring_k.is_contiguous() or not ring_v.is_contiguous():
+    if (module is None or not getattr(module, "READS_DEVICE_CLOCK", False) or not ring_k.is_contiguous()
+            or not ring_v.is_contiguous()):
         return False
     qk, qv = codec_k.q, codec_v.q
     views = [_rows(h["codes"][:, :, :1], h["norms"][:, :, :1]) for h in (hist_k, hist_v)]
@@ -213,9 +217,13 @@ def _encode_args(module, quantizer, like) -> dict:
 
 
 def _encodes(module, quantizer, x, ops) -> bool:
-    """Whether the fused encode kernel takes this quantizer and input."""
-    return (module is not None and quantizer.precision == "float32"
-            and ops.dtype_name(x.dtype) in ("float32", "float16", "bfloat16"))  # the kernel's inputs
+    """Whether the fused encode kernel takes this quantizer and input (and its row count: the CPU's
+    takes a decode step's few rows, ``ENCODE_MAX_ROWS``; a prefill's stay with the array ops)."""
+    if module is None or quantizer.precision != "float32" or ops.dtype_name(x.dtype) not in (
+            "float32", "float16", "bfloat16"):  # the kernel's inputs
+        return False
+    most = getattr(module, "ENCODE_MAX_ROWS", None)
+    return most is None or int(np.prod(x.shape[:-1])) <= most
 
 
 def _encode_rows(module, quantizer, rows, codes, norms) -> None:

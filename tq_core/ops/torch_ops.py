@@ -210,11 +210,13 @@ def attention_kernel(like):
 
 def encode_kernel(like):
     """The module of the fused TurboQuant encode kernel for ``like``'s device (its ``encode_into``), or
-    None: Triton on CUDA; none on CPU, where array ops are used."""
-    if not like.is_cuda:
-        return None
+    None: Triton on CUDA; on CPU the compiled C library, for a decode step's few rows (its
+    ``ENCODE_MAX_ROWS``; more rows use array ops); None when it is not installed or cannot build."""
     try:
-        from ..kernels import triton as kernel
+        if like.is_cuda:
+            from ..kernels import triton as kernel
+        else:
+            from ..kernels import cpu as kernel
     except ImportError:
         return None
     return kernel if kernel.available()[0] else None

@@ -1,10 +1,13 @@
-"""Attention over packed TurboQuant codes on the CPU: a small C kernel compiled on first use.
+"""Attention over packed TurboQuant codes, and the encode of a decode step's rows, on the CPU: a
+small C library compiled on first use.
 
     attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids,
                  *, bits_k, bits_v, length, scale) -> (o_rot, lse)
+    encode_into(x, rot_t, boundaries, centroids, *, bits, norm_correction, codes_out, norms_out)
+    encode_pair_into(xk, xv, k, v, *, norm_correction)
     available() -> (bool, reason)
 
-The source (``attend.c``) is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``,
+The sources (``attend.c``, ``encode.c``) are compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``,
 ``clang``) as ``-O3 -march=native -fPIC -shared -pthread -fopenmp -lm``; each flag the compiler
 refuses is dropped in turn (``-march=native`` -> ``-mcpu=native`` -> none; ``-fopenmp`` -> pthreads).
 ``-fopenmp`` is used on Linux only, where the library's ``libgomp.so.1`` is the one torch loaded
@@ -13,7 +16,9 @@ refuses is dropped in turn (``-march=native`` -> ``-mcpu=native`` -> none; ``-fo
 flags, the compiler and its version, and the CPU; it is written to a temporary file and renamed into
 place, so concurrent first uses are safe. It ends with a SHA-256 of itself in a 40-byte trailer (ELF
 loaders ignore trailing bytes): a truncated or corrupted cached file is rebuilt, never loaded. It is
-loaded with ctypes; sizes, strides and addresses are passed as one block of int64. Nothing here
+loaded with ctypes; sizes, strides and addresses are passed as one block of int64. The encode takes
+at most ``ENCODE_MAX_ROWS`` rows (a decode step's tokens, where ~25 small array ops per kind cost more
+than the work); a prefill's rows stay with the array ops. Nothing here
 raises at import: without a compiler, or when the build fails, ``available()`` says why and
 ``tq_core.ops.attention_kernel`` returns None (``View.attend`` then uses array ops).
 ``TQ_CPU_KERNEL=0`` turns the kernel off. docs/kernels.md ("CPU") has the design and timings.
@@ -34,9 +39,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["attend_codes", "available", "library_path", "load"]
+__all__ = ["attend_codes", "encode_into", "encode_pair_into", "available", "library_path", "load"]
 
 SOURCE = Path(__file__).with_name("attend.c")
+SOURCES = (SOURCE, Path(__file__).with_name("encode.c"))
+ENCODE_MAX_ROWS = 64  # rows (batch x KV heads x tokens) an encode call takes: a decode step's
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 ARCH_NATIVE = "native"
 ABI = 4  # tq_abi() of attend.c
@@ -149,7 +156,7 @@ def library_path(arch: str = ARCH_NATIVE, cc: str | None = None, openmp: bool = 
     cc = cc or find_compiler()
     if cc is None:
         raise BuildError("no C compiler found (set $CC or install gcc / clang)")
-    src = SOURCE.read_bytes()
+    src = b"\0".join(f.read_bytes() for f in SOURCES)
     version = _compiler_version(cc)
     folder = cache_dir()
     cpu_id = _cpu_id()
@@ -167,7 +174,7 @@ def library_path(arch: str = ARCH_NATIVE, cc: str | None = None, openmp: bool = 
         raise BuildError(f"cannot create the kernel cache folder {folder}: {exc}") from exc
     errors = []
     for flags, path in candidates:
-        ran, error = build_atomically(path, [cc, *flags, str(SOURCE), "-o", "{out}", "-lm"])
+        ran, error = build_atomically(path, [cc, *flags, *map(str, SOURCES), "-o", "{out}", "-lm"])
         builds += ran
         if error is None:
             return path
@@ -188,6 +195,8 @@ class _Kernel:
         lib.tq_openmp.restype = ctypes.c_int
         lib.tq_attend_codes.restype = ctypes.c_int
         lib.tq_attend_codes.argtypes = [ctypes.c_char_p, ctypes.c_double]  # packed int64 arguments
+        lib.tq_encode_rows.restype = ctypes.c_int
+        lib.tq_encode_rows.argtypes = [ctypes.c_char_p]
         if lib.tq_abi() != ABI:
             raise BuildError(f"{path} reports ABI {lib.tq_abi()}, expected {ABI}")
         self.lib = lib
@@ -324,3 +333,90 @@ def attend_codes(q_rot, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centr
         raise RuntimeError({1: "bad arguments", 2: "out of memory"}.get(rc, f"error {rc}")
                            + " in the CPU attention kernel")
     return o, lse
+
+
+# ------------------------------------------------------------------------------------- encode
+
+_ENC_DTYPES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+_ENC_HEAD = struct.Struct("=5q")
+_ENC_KIND = struct.Struct("=8q6Q")
+
+
+def symmetric(boundaries, centroids, bits: int) -> bool:
+    """The CPU encode counts boundaries below each coordinate whatever the codebook (no symmetric
+    shortcut): False, so callers that keep this flag per codebook read the same answer everywhere."""
+    return False
+
+
+def _encode_kind(x, rot_t, boundaries, centroids, bits, codes_out, norms_out) -> bytes:
+    import torch
+
+    N, D = x.shape
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+    for name, t, shape, dtype in (("rot_t", rot_t, (D, D), torch.float32),
+                                  ("boundaries", boundaries, (2 ** bits - 1,), torch.float32),
+                                  ("centroids", centroids, (2 ** bits,), torch.float32),
+                                  ("codes_out", codes_out, (N, -(-D // 8) * bits), torch.uint8),
+                                  ("norms_out", norms_out, (N,), torch.float16)):
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype
+                or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a {shape} {dtype} CPU tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if name in ("rot_t", "boundaries", "centroids") and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if N and codes_out.stride(1) != 1:
+        raise ValueError("codes_out must be contiguous along its last axis")
+    return _ENC_KIND.pack(x.stride(0), x.stride(1), codes_out.stride(0), norms_out.stride(0), bits, 0, 0, 0,
+                          x.data_ptr(), rot_t.data_ptr(), boundaries.data_ptr(), centroids.data_ptr(),
+                          codes_out.data_ptr(), norms_out.data_ptr())
+
+
+def _encode(xs, kinds, norm_correction: bool) -> None:
+    import torch
+
+    x = xs[0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError("x must be an (N, D) CPU tensor")
+    N, D = x.shape
+    if str(x.dtype) not in _ENC_DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not 1 <= D <= 1024:
+        raise ValueError(f"the CPU encode takes head_dim 1..1024, got {D}")
+    if N > ENCODE_MAX_ROWS:
+        raise ValueError(f"the CPU encode takes at most ENCODE_MAX_ROWS={ENCODE_MAX_ROWS} rows, got {N}")
+    blocks = [_encode_kind(xx, **kind) for xx, kind in zip(xs, kinds)]
+    if N == 0:
+        return
+    kern = _kernels.get((ARCH_NATIVE, True))
+    if kern is None or isinstance(kern, str):
+        kern = load()
+    rc = kern.lib.tq_encode_rows(_ENC_HEAD.pack(N, D, _ENC_DTYPES[str(x.dtype)], int(bool(norm_correction)),
+                                                len(blocks)) + b"".join(blocks))
+    if rc:
+        raise RuntimeError(f"bad arguments (error {rc}) in the CPU encode")
+
+
+def encode_into(x, rot_t, boundaries, centroids, *, bits: int, norm_correction: bool, codes_out, norms_out,
+                is_symmetric: bool | None = None):
+    """Encode up to ``ENCODE_MAX_ROWS`` rows of ``x`` (N, D) (float32 / bf16 / fp16 CPU tensor, any
+    strides) into ``codes_out`` (N, ceil(D/8) * bits) uint8 (last axis contiguous) and ``norms_out``
+    (N,) float16 (any stride), views of a cache's buffers: the same meaning as
+    ``TurboQuantizer.encode`` (codes equal up to float32-rounding flips next to a boundary, norms
+    within one fp16 ulp; ``encode.c``). ``rot_t`` (D, D) = R.T, ``boundaries``, ``centroids``: float32,
+    contiguous. ``is_symmetric`` is accepted for the common signature and not used."""
+    _encode([x], [dict(rot_t=rot_t, boundaries=boundaries, centroids=centroids, bits=bits,
+                       codes_out=codes_out, norms_out=norms_out)], norm_correction)
+    return codes_out, norms_out
+
+
+def encode_pair_into(xk, xv, k: dict, v: dict, *, norm_correction: bool):
+    """Keys and values of the same N rows in one call (``k``/``v``: ``rot_t``, ``boundaries``,
+    ``centroids``, ``bits``, ``codes``, ``norms``, as ``encode_into`` takes them; ``symmetric`` is
+    ignored): what two ``encode_into`` calls write."""
+    if tuple(xk.shape) != tuple(xv.shape) or xk.dtype != xv.dtype:
+        raise ValueError(f"xk and xv must have one shape and dtype, got {tuple(xk.shape)} {xk.dtype} and "
+                         f"{tuple(xv.shape)} {xv.dtype}")
+    _encode([xk, xv], [dict(rot_t=kind["rot_t"], boundaries=kind["boundaries"], centroids=kind["centroids"],
+                            bits=kind["bits"], codes_out=kind["codes"], norms_out=kind["norms"])
+                       for kind in (k, v)], norm_correction)

@@ -21,6 +21,7 @@ import importlib.util
 __all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "ring_write", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = "triton not installed: pip install triton"
+READS_DEVICE_CLOCK = True  # encode_pair_into takes ``at=`` (rows moved by a device clock: graph_step)
 
 _LAZY = {"attend_codes": "decode_attention", "byte_tables": "decode_attention", "attend_step": "decode_step",
          "encode_into": "encode", "encode_pair_into": "encode",
