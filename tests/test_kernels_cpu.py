@@ -325,3 +325,72 @@ def test_unavailable_says_why_and_never_raises_at_import(tmp_path, case):
     ok, reason = res.stdout.split("\n", 1)
     assert ok == "False" and why in reason, res.stdout
     assert not list((tmp_path / "kernels").glob("*.so")) if (tmp_path / "kernels").exists() else True
+
+
+# ----------------------------------------------------------------------------- the whole call
+
+STEP_CASES = [
+    # (config, dtype, B, Hkv, G, held, Tq, D): held tokens before the call, Tq new tokens (the queries)
+    ("K4V2+s4w8", "fp32", 1, 2, 4, 40, 1, 64),
+    ("K4V2+s4w8", "bf16", 2, 1, 3, 70, 1, 128),
+    ("K3V4+s0w0", "fp32", 1, 2, 2, 33, 3, 64),     # no sinks, no window: history + own tokens
+    ("K2V3+s2w16", "fp16", 1, 1, 4, 12, 2, 32),    # no history yet: full-precision tokens only
+    ("K4V4+s4w4", "bf16", 1, 2, 8, 50, 2, 64),     # G * Tq = 16 rows
+    ("K4V2+s4w8", "fp32", 1, 1, 2, 40, 1, 256),    # head_dim 256 (Gemma-3)
+    ("K4V2+s4w8+c=1", "fp32", 1, 2, 4, 40, 1, 64),  # centered keys
+    ("K8V5+s1w3", "fp32", 2, 3, 3, 90, 1, 96),     # other widths and a head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[0]}-{c[1]}-B{c[2]}H{c[3]}G{c[4]}n{c[5]}t{c[6]}d{c[7]}")
+def test_attention_step_matches_array_ops(case):
+    """View.attend through the C whole call (history kernel + step.c) equals the array-ops path over
+    the same stored codes and the decoded reference within the codes' own error, causal among the
+    own tokens, for a non-contiguous query."""
+    from tq_core import kernels
+    from tq_core.config import CacheConfig
+    from tq_core.kvstore import LayerStore
+
+    label, dt, B, Hkv, G, held, Tq, D = case
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+    gen = _seed(*case)
+    store = LayerStore(CacheConfig.parse(label), layer=3, head_dim=D)
+    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2).to(dtype)  # noqa: E731
+    if held:
+        store.update(kv(held), kv(held))
+    q = torch.randn(B, Tq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
+    view = store.update(kv(Tq), kv(Tq))
+    scale = 1.0 / math.sqrt(D)
+    assert kernels.attention_step(store.codec_k, store.codec_v, q, Hkv) is not None
+    fast = view.attend(q, scale, kernel=True)
+    ops_path = view.attend(q, scale, kernel=False)
+    assert fast.dtype == dtype and fast.shape == (B, Hkv * G, Tq, D) and torch.isfinite(fast.float()).all()
+    err = ((fast.double() - ops_path.double()).norm() / ops_path.double().norm()).item()
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # 16-bit: one rounding of the output each way
+    assert err < tol, f"relative error vs array ops {err:.3g} >= {tol}"
+    k_all, v_all = view.dense(torch.float64, torch.float64)
+    n_all = k_all.shape[2]
+    kr, vr = k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1)
+    s = scale * q.double() @ kr.transpose(-1, -2)
+    own = torch.arange(n_all) >= n_all - Tq
+    causal = ~own[None, :] | (torch.arange(n_all)[None, :] - (n_all - Tq) <= torch.arange(Tq)[:, None])
+    ref = torch.softmax(s.masked_fill(~causal, -math.inf), -1) @ vr
+    err_ref = ((fast.double() - ref).norm() / ref.norm()).item()
+    assert err_ref < tol + 1e-6, f"relative error vs decoded reference {err_ref:.3g}"
+
+
+def test_attention_step_rejects_bad_inputs():
+    q = torch.randn(1, 4, 1, 64)
+    kv = (torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64))
+    with pytest.raises(ValueError, match="device clock"):
+        cpu.attend_step(q, 0.1, (kv, None, None), length_dev=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="three"):
+        cpu.attend_step(q, 0.1, (kv, None))
+    with pytest.raises(ValueError, match="dense tokens"):
+        cpu.attend_step(q, 0.1, ((kv[0][..., :32], kv[1][..., :32]), None, None))
+    with pytest.raises(ValueError, match="same tokens"):
+        cpu.attend_step(q, 0.1, ((kv[0], kv[1][:, :, :4]), None, None))
+    with pytest.raises(ValueError, match="query rows"):
+        cpu.attend_step(torch.randn(1, 34, 1, 64), 0.1, (kv, None, None))
+    with pytest.raises(ValueError, match="nothing to attend"):
+        cpu.attend_step(q, 0.1, (None, None, None))

@@ -4,7 +4,7 @@ library for a decode step's few rows, ``kernels/cpu/encode.c``).
 
 ``attention_step(codec_k, codec_v, q, kv_heads)`` returns a function that runs a whole attention
 call (history, sinks, window and the call's own tokens, merged and rotated back) in two launches,
-where the device's kernel module has one (Triton on CUDA); ``View.attend`` prefers it.
+where the device's kernel module has one (Triton on CUDA, C on CPU); ``View.attend`` prefers it.
 
 ``history_attention(codec_k, codec_v, like)`` returns a function
 ``(q_space, hist_k, hist_v, length) -> (o_space, lse)`` that attends the rotated, scaled queries
@@ -17,7 +17,7 @@ Which device gets which kernel is the ops shim's business (``ops.attention_kerne
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from ..ops import for_array
 
@@ -76,10 +76,11 @@ def attention_step(codec_k, codec_v, q, kv_heads: int):
     it per layer): ``dense`` = (sinks, window, own tokens) as (k, v) pairs or None (see the device
     kernel's ``attend_step``), the history's fields and held length; ``length_dev`` (a (1,) int64
     device tensor t) makes the kernels read ``length_base + t`` tokens, at most ``length``, on the
-    device (``tq_core.graph_step``); ``out`` is written into when given. 16-bit queries are rotated by one GEMM in their own dtype (R
-    rounded to it, float32 accumulation: the kernels read 16-bit rotated queries anyway). Only
-    devices whose kernel module has an ``attend_step`` (Triton on CUDA) get one; elsewhere
-    ``View.attend`` composes the history kernel with array ops.
+    device (``tq_core.graph_step``); ``out`` is written into when given. On CUDA 16-bit queries are
+    rotated by one GEMM in their own dtype (R rounded to it, float32 accumulation: the kernels read
+    16-bit rotated queries anyway); on CPU in float32. Devices whose kernel module has an
+    ``attend_step`` get one (Triton on CUDA, the C library on CPU); elsewhere ``View.attend``
+    composes the history kernel with array ops.
     """
     if not _turboquant(codec_k, codec_v):
         return None
@@ -88,11 +89,13 @@ def attention_step(codec_k, codec_v, q, kv_heads: int):
     if kernel is None:
         return None
     step = getattr(kernel, "attend_step", None)
-    if step is None or q.shape[1] // kv_heads * q.shape[2] > MAX_ROWS or q.shape[-1] > MAX_DIM:
+    if (step is None or q.shape[1] // kv_heads * q.shape[2] > MAX_ROWS or q.shape[-1] > MAX_DIM
+            or ops.dtype_name(q.dtype) not in ("float32", "float16", "bfloat16")):  # the kernels' queries
         return None
     qk, qv = codec_k.q, codec_v.q
     f32 = ops.float32
-    half = _half(ops, q.dtype)
+    # 16-bit rotated queries where the kernel has the byte-permute lookup (CUDA); float32 elsewhere
+    half = _half(ops, q.dtype) if getattr(kernel, "byte_tables", None) is not None else None
     tables = _tables(kernel, qk, qv, half)
 
     rot_k = qk.const("rot_t", q, f32 if half is None else half)
@@ -208,12 +211,17 @@ def ring_write(k, v, ring_k, ring_v, clock) -> bool:
 
 
 def _encode_args(module, quantizer, like) -> dict:
-    """The constants the fused encode reads for ``quantizer`` on ``like``'s device."""
-    f32 = for_array(like).float32
-    return {"rot_t": quantizer.const("rot_t", like, f32), "boundaries": quantizer.const("boundaries", like, f32),
-            "centroids": quantizer.const("centroids", like, f32), "bits": quantizer.bits,
-            "symmetric": quantizer.derived("symmetric", lambda c: module.symmetric(
-                quantizer.codebook.boundaries, c, quantizer.bits))}
+    """The constants the fused encode reads for ``quantizer`` on ``like``'s device (made once per
+    kernel module and device, kept by the quantizer: a decode step asks for them every layer)."""
+    ops = for_array(like)
+
+    def build(c):
+        f32 = ops.float32
+        return {"rot_t": quantizer.const("rot_t", like, f32), "boundaries": quantizer.const("boundaries", like, f32),
+                "centroids": quantizer.const("centroids", like, f32), "bits": quantizer.bits,
+                "symmetric": module.symmetric(quantizer.codebook.boundaries, c, quantizer.bits)}
+
+    return quantizer.derived(f"encode_args {module.__name__} {ops.NAME} {ops.device_key(like)}", build)
 
 
 def _encodes(module, quantizer, x, ops) -> bool:
@@ -223,7 +231,7 @@ def _encodes(module, quantizer, x, ops) -> bool:
             "float32", "float16", "bfloat16"):  # the kernel's inputs
         return False
     most = getattr(module, "ENCODE_MAX_ROWS", None)
-    return most is None or int(np.prod(x.shape[:-1])) <= most
+    return most is None or math.prod(x.shape[:-1]) <= most
 
 
 def _encode_rows(module, quantizer, rows, codes, norms) -> None:

@@ -5,9 +5,10 @@ small C library compiled on first use.
                  *, bits_k, bits_v, length, scale) -> (o_rot, lse)
     encode_into(x, rot_t, boundaries, centroids, *, bits, norm_correction, codes_out, norms_out)
     encode_pair_into(xk, xv, k, v, *, norm_correction)
+    attend_step(q, scale, dense, *, q_rot, hist, length, rot_v, ...) -> out   (the whole call)
     available() -> (bool, reason)
 
-The sources (``attend.c``, ``encode.c``) are compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``,
+The sources (``attend.c``, ``encode.c``, ``step.c``) are compiled with the system C compiler (``$CC``, else ``cc``, ``gcc``,
 ``clang``) as ``-O3 -march=native -fPIC -shared -pthread -fopenmp -lm``; each flag the compiler
 refuses is dropped in turn (``-march=native`` -> ``-mcpu=native`` -> none; ``-fopenmp`` -> pthreads).
 ``-fopenmp`` is used on Linux only, where the library's ``libgomp.so.1`` is the one torch loaded
@@ -39,10 +40,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["attend_codes", "encode_into", "encode_pair_into", "available", "library_path", "load"]
+__all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "available", "library_path", "load"]
 
 SOURCE = Path(__file__).with_name("attend.c")
-SOURCES = (SOURCE, Path(__file__).with_name("encode.c"))
+SOURCES = (SOURCE, Path(__file__).with_name("encode.c"), Path(__file__).with_name("step.c"))
 ENCODE_MAX_ROWS = 64  # rows (batch x KV heads x tokens) an encode call takes: a decode step's
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 ARCH_NATIVE = "native"
@@ -197,6 +198,8 @@ class _Kernel:
         lib.tq_attend_codes.argtypes = [ctypes.c_char_p, ctypes.c_double]  # packed int64 arguments
         lib.tq_encode_rows.restype = ctypes.c_int
         lib.tq_encode_rows.argtypes = [ctypes.c_char_p]
+        lib.tq_attend_dense.restype = ctypes.c_int
+        lib.tq_attend_dense.argtypes = [ctypes.c_char_p, ctypes.c_double]
         if lib.tq_abi() != ABI:
             raise BuildError(f"{path} reports ABI {lib.tq_abi()}, expected {ABI}")
         self.lib = lib
@@ -420,3 +423,85 @@ def encode_pair_into(xk, xv, k: dict, v: dict, *, norm_correction: bool):
     _encode([xk, xv], [dict(rot_t=kind["rot_t"], boundaries=kind["boundaries"], centroids=kind["centroids"],
                             bits=kind["bits"], codes_out=kind["codes"], norms_out=kind["norms"])
                        for kind in (k, v)], norm_correction)
+
+
+# ------------------------------------------------------------------------------------- whole call
+
+_STEP = struct.Struct("=50q11Q")  # tq_attend_dense: 17 sizes/strides + 3 x 11 per segment, 11 addresses
+MAX_ROWS = 16  # query rows per KV head (G * Tq) the whole call takes
+MAX_DIM = 256
+
+
+def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 0, rot_v=None,
+                bits_k: int = 0, bits_v: int = 0, k_centroids=None, v_centroids=None, k_table=None,
+                v_table=None, lut=None, length_dev=None, length_base: int = 0, out=None):
+    """Attention of ``q`` (B, Hq, Tq, D) over a compressed layer on the CPU, in two C calls: the history
+    through ``attend_codes`` (rotated query ``q_rot``, ``hist`` = (k_codes, k_norms, v_codes, v_norms),
+    ``length`` tokens), then ``step.c`` over the full-precision tokens ``dense`` = (sinks, window,
+    own tokens) as (k, v) pairs (B, Hkv, n, D) or None (any float dtype and strides; the own tokens
+    causal among the queries, which are the last ``Tq`` of them), joined by log-sum-exp, the history's
+    output rotated back by ``rot_v`` (D, D) float32. The same contract as the CUDA kernels'
+    ``attend_step`` (``tq_core.kernels.attention_step`` calls either); ``k_table``, ``v_table``, ``lut``
+    are accepted and not used; a device clock (``length_dev``) does not exist here. Returns
+    (B, Hq, Tq, D) in ``q``'s dtype (into ``out`` when given)."""
+    import torch
+
+    if length_dev is not None:
+        raise ValueError("length_dev: the CPU step has no device clock (graph replay is CUDA's)")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.device.type != "cpu":
+        raise ValueError("q must be a (B, Hq, Tq, D) CPU tensor")
+    B, Hq, Tq, D = q.shape
+    if len(dense) != 3:
+        raise ValueError("dense must hold three (k, v) pairs or None: sinks, window, own tokens")
+    held = [kv for kv in dense if kv is not None]
+    like = held[0][0] if held else (hist[0] if length else None)
+    if like is None:
+        raise ValueError("nothing to attend: no history and no full-precision tokens")
+    Hkv = like.shape[1]
+    if Hkv <= 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    G = Hq // Hkv
+    if G * Tq > MAX_ROWS or D > MAX_DIM:
+        raise ValueError(f"attend_step takes G * Tq <= {MAX_ROWS} query rows and head_dim <= {MAX_DIM}, "
+                         f"got {G * Tq} and {D}")
+    codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    if q.dtype not in codes:
+        raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    seg, ptrs = [], []
+    for kv in dense:
+        if kv is None:
+            seg += [0] * 11
+            ptrs += [0, 0]
+            continue
+        k, v = kv
+        for x in (k, v):
+            if (not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[:2]) != (B, Hkv) or x.shape[3] != D
+                    or x.device.type != "cpu" or x.dtype not in codes):
+                raise ValueError(f"dense tokens must be ({B}, {Hkv}, n, {D}) float CPU tensors, got "
+                                 f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"k and v of a segment must hold the same tokens, got {k.shape[2]} and {v.shape[2]}")
+        seg += [k.shape[2], codes[k.dtype], codes[v.dtype], *k.stride(), *v.stride()]
+        ptrs += [k.data_ptr(), v.data_ptr()]
+    if length:
+        if tuple(rot_v.shape) != (D, D) or rot_v.dtype != torch.float32 or not rot_v.is_contiguous():
+            raise ValueError(f"rot_v must be a contiguous ({D}, {D}) float32 tensor")
+        o_rot, lse = attend_codes(q_rot, *hist, k_centroids, v_centroids, bits_k=bits_k,
+                                  bits_v=bits_v, length=int(length), scale=scale)
+    else:
+        o_rot = lse = rot_v = q  # not read
+    if out is None:
+        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype)
+    elif tuple(out.shape) != (B, Hq, Tq, D) or out.dtype != q.dtype or out.device.type != "cpu":
+        raise ValueError(f"out must be a ({B}, {Hq}, {Tq}, {D}) {q.dtype} CPU tensor")
+    n_own = 0 if dense[2] is None else dense[2][0].shape[2]
+    kern = _kernels.get((ARCH_NATIVE, True))
+    if kern is None or isinstance(kern, str):
+        kern = load()
+    args = _STEP.pack(B, Hkv, G, Tq, D, int(bool(length)), n_own - Tq, codes[q.dtype], codes[out.dtype],
+                      *q.stride(), *out.stride(), *seg,
+                      q.data_ptr(), out.data_ptr(), o_rot.data_ptr(), lse.data_ptr(), rot_v.data_ptr(), *ptrs)
+    rc = kern.lib.tq_attend_dense(args, float(scale))
+    if rc:
+        raise RuntimeError(f"bad arguments (error {rc}) in the CPU attention step")
+    return out
