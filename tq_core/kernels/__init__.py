@@ -21,8 +21,7 @@ import math
 
 from ..ops import for_array
 
-MAX_ROWS = 16  # query rows per KV head (GQA group x new tokens) the kernels take; more: array ops
-MAX_DIM = 256  # head dims the whole-call kernel takes (larger ones: the history kernel + array ops)
+from .step_args import MAX_DIM, MAX_ROWS  # query rows per KV head and head dims the whole-call kernels take
 
 
 def _half(ops, dtype):

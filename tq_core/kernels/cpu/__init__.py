@@ -40,10 +40,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..step_args import step_shape
+
 __all__ = ["attend_codes", "attend_step", "encode_into", "encode_pair_into", "available", "library_path", "load"]
 
 SOURCE = Path(__file__).with_name("attend.c")
 SOURCES = (SOURCE, Path(__file__).with_name("encode.c"), Path(__file__).with_name("step.c"))
+HEADERS = (Path(__file__).with_name("half.h"),)  # included by the sources: part of the build's hash
 ENCODE_MAX_ROWS = 64  # rows (batch x KV heads x tokens) an encode call takes: a decode step's
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 ARCH_NATIVE = "native"
@@ -157,7 +160,7 @@ def library_path(arch: str = ARCH_NATIVE, cc: str | None = None, openmp: bool = 
     cc = cc or find_compiler()
     if cc is None:
         raise BuildError("no C compiler found (set $CC or install gcc / clang)")
-    src = b"\0".join(f.read_bytes() for f in SOURCES)
+    src = b"\0".join(f.read_bytes() for f in SOURCES + HEADERS)
     version = _compiler_version(cc)
     folder = cache_dir()
     cpu_id = _cpu_id()
@@ -428,8 +431,6 @@ def encode_pair_into(xk, xv, k: dict, v: dict, *, norm_correction: bool):
 # ------------------------------------------------------------------------------------- whole call
 
 _STEP = struct.Struct("=50q11Q")  # tq_attend_dense: 17 sizes/strides + 3 x 11 per segment, 11 addresses
-MAX_ROWS = 16  # query rows per KV head (G * Tq) the whole call takes
-MAX_DIM = 256
 
 
 def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 0, rot_v=None,
@@ -450,20 +451,7 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
         raise ValueError("length_dev: the CPU step has no device clock (graph replay is CUDA's)")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.device.type != "cpu":
         raise ValueError("q must be a (B, Hq, Tq, D) CPU tensor")
-    B, Hq, Tq, D = q.shape
-    if len(dense) != 3:
-        raise ValueError("dense must hold three (k, v) pairs or None: sinks, window, own tokens")
-    held = [kv for kv in dense if kv is not None]
-    like = held[0][0] if held else (hist[0] if length else None)
-    if like is None:
-        raise ValueError("nothing to attend: no history and no full-precision tokens")
-    Hkv = like.shape[1]
-    if Hkv <= 0 or Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
-    G = Hq // Hkv
-    if G * Tq > MAX_ROWS or D > MAX_DIM:
-        raise ValueError(f"attend_step takes G * Tq <= {MAX_ROWS} query rows and head_dim <= {MAX_DIM}, "
-                         f"got {G * Tq} and {D}")
+    B, Hq, Tq, D, Hkv, G = step_shape(q, dense, hist, length)
     codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
     if q.dtype not in codes:
         raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
@@ -475,12 +463,8 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
             continue
         k, v = kv
         for x in (k, v):
-            if (not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[:2]) != (B, Hkv) or x.shape[3] != D
-                    or x.device.type != "cpu" or x.dtype not in codes):
-                raise ValueError(f"dense tokens must be ({B}, {Hkv}, n, {D}) float CPU tensors, got "
-                                 f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(f"k and v of a segment must hold the same tokens, got {k.shape[2]} and {v.shape[2]}")
+            if x.dtype not in codes:
+                raise ValueError(f"dense tokens must be float32, bfloat16 or float16, got {x.dtype}")
         seg += [k.shape[2], codes[k.dtype], codes[v.dtype], *k.stride(), *v.stride()]
         ptrs += [k.data_ptr(), v.data_ptr()]
     if length:

@@ -19,48 +19,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
+
 #define TQ_ENC_MAXD 1024
-
-static inline float enc_h2f(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, x;
-    if (e == 0) {
-        float f = (float)m * (1.0f / 16777216.0f);  /* subnormal: m * 2^-24, exact */
-        memcpy(&x, &f, 4);
-        x |= s;
-    } else if (e == 31) {
-        x = s | 0x7f800000u | (m << 13);
-    } else {
-        x = s | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
-
-static inline float enc_bf2f(uint16_t h) {
-    uint32_t x = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
-
-/* float -> fp16 bits, round to nearest even (as torch's .to(float16)), inf beyond the range. */
-static inline uint16_t enc_f2h(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
-    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
-    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);   /* >= 65520: rounds to inf */
-    if (a < 0x38800000u) {                                     /* below 2^-14: subnormal or zero */
-        float v;
-        memcpy(&v, &a, 4);
-        return (uint16_t)(sign | (uint32_t)rintf(v * 16777216.0f));  /* units of 2^-24, ties to even */
-    }
-    uint32_t h = ((((a >> 23) - 112u) << 10) | ((a & 0x7fffffu) >> 13));
-    uint32_t rem = a & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1;  /* a carry moves the exponent, as it should */
-    return (uint16_t)(sign | h);
-}
 
 typedef struct {
     const void *x;          /* (n, D) rows: float32 (dtype 0), bfloat16 (1) or float16 (2) */
@@ -87,7 +48,7 @@ static int encode_kind(const EncKind *k, int64_t n, int D, int dtype, int norm_c
         for (int d = 0; d < D; d++) {
             int64_t off = r * k->sx_row + (int64_t)d * k->sx_col;
             float v = dtype == 0 ? ((const float *)row)[off]
-                    : dtype == 1 ? enc_bf2f(((const uint16_t *)row)[off]) : enc_h2f(((const uint16_t *)row)[off]);
+                    : dtype == 1 ? tq_bf16_to_f32(((const uint16_t *)row)[off]) : tq_f16_to_f32(((const uint16_t *)row)[off]);
             x[d] = v;
             ss += (double)v * v;
         }
@@ -127,7 +88,7 @@ static int encode_kind(const EncKind *k, int64_t n, int D, int dtype, int norm_c
             }
         }
         float stored = norm_corr ? norm / (float)sqrt(csq) : norm;
-        k->norms[r * k->sn_row] = enc_f2h(stored);
+        k->norms[r * k->sn_row] = tq_f32_to_f16(stored);
     }
     return 0;
 }

@@ -18,65 +18,21 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
+
 #define TQ_STEP_MAXD 256  /* head dims, as kernels.MAX_DIM */
 
 static inline float st_load(const void *p, int64_t i, int dtype) {
-    uint16_t h;
-    uint32_t x;
-    float f;
     if (dtype == 0) return ((const float *)p)[i];
-    h = ((const uint16_t *)p)[i];
-    if (dtype == 1) {
-        x = (uint32_t)h << 16;
-    } else {
-        uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-        if (e == 0) {
-            f = (float)m * (1.0f / 16777216.0f);
-            memcpy(&x, &f, 4);
-            x |= s;
-        } else if (e == 31) {
-            x = s | 0x7f800000u | (m << 13);
-        } else {
-            x = s | ((e + 112) << 23) | (m << 13);
-        }
-    }
-    memcpy(&f, &x, 4);
-    return f;
+    const uint16_t h = ((const uint16_t *)p)[i];
+    return dtype == 1 ? tq_bf16_to_f32(h) : tq_f16_to_f32(h);
 }
 
 static inline void st_store(void *p, int64_t i, int dtype, float f) {
-    uint32_t x, a, sign;
-    if (dtype == 0) {
+    if (dtype == 0)
         ((float *)p)[i] = f;
-        return;
-    }
-    memcpy(&x, &f, 4);
-    if (dtype == 1) {  /* bfloat16, nearest even; NaN stays NaN */
-        if ((x & 0x7fffffffu) > 0x7f800000u) {
-            ((uint16_t *)p)[i] = (uint16_t)((x >> 16) | 0x40);
-            return;
-        }
-        x += 0x7fffu + ((x >> 16) & 1u);
-        ((uint16_t *)p)[i] = (uint16_t)(x >> 16);
-        return;
-    }
-    sign = (x >> 16) & 0x8000u;  /* float16, nearest even */
-    a = x & 0x7fffffffu;
-    uint16_t h;
-    if (a >= 0x7f800000u) {
-        h = (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
-    } else if (a >= 0x477ff000u) {
-        h = (uint16_t)(sign | 0x7c00u);
-    } else if (a < 0x38800000u) {
-        float v;
-        memcpy(&v, &a, 4);
-        h = (uint16_t)(sign | (uint32_t)rintf(v * 16777216.0f));
-    } else {
-        uint32_t m = ((((a >> 23) - 112u) << 10) | ((a & 0x7fffffu) >> 13)), rem = a & 0x1fffu;
-        if (rem > 0x1000u || (rem == 0x1000u && (m & 1u))) m += 1;
-        h = (uint16_t)(sign | m);
-    }
-    ((uint16_t *)p)[i] = h;
+    else
+        ((uint16_t *)p)[i] = dtype == 1 ? tq_f32_to_bf16(f) : tq_f32_to_f16(f);
 }
 
 static void st_row(const void *p, int64_t off, int64_t stride, int dtype, int64_t D, float *out) {

@@ -25,12 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..step_args import MAX_DIM, MAX_ROWS, step_shape
 from .decode_attention import _LOG2E, _check_lut, _interpreting, _launch_splits, _next_pow2
 
 __all__ = ["attend_step", "MAX_ROWS", "MAX_DIM"]
 
-MAX_ROWS = 16  # query rows per KV head (G * Tq)
-MAX_DIM = 256  # head dims the step kernel takes (a (32, head_dim) tile of V's rotation at a time)
 
 
 @triton.jit
@@ -183,27 +182,7 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
 
     Returns: (B, Hq, Tq, D) in ``q``'s dtype.
     """
-    if q.dim() != 4:
-        raise ValueError(f"q must be (B, Hq, Tq, D), got shape {tuple(q.shape)}")
-    B, Hq, Tq, D = q.shape
-    if len(dense) != 3:
-        raise ValueError("dense must hold three (k, v) pairs or None: sinks, window, own tokens")
-    held = [kv for kv in dense if kv is not None]
-    like = held[0][0] if held else (hist[0] if length else None)
-    if like is None:
-        raise ValueError("nothing to attend: no history and no full-precision tokens")
-    Hkv = like.shape[1]
-    if Hkv <= 0 or Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
-    G = Hq // Hkv
-    if G * Tq > MAX_ROWS or D > MAX_DIM:
-        raise ValueError(f"attend_step takes G * Tq <= {MAX_ROWS} query rows and head_dim <= {MAX_DIM}, "
-                         f"got {G * Tq} and {D}")
-    for kv in held:
-        for x in kv:
-            if x.dim() != 4 or tuple(x.shape[:2]) != (B, Hkv) or x.shape[3] != D or x.device != q.device:
-                raise ValueError(f"dense tokens must be ({B}, {Hkv}, n, {D}) on {q.device}, "
-                                 f"got {tuple(x.shape)} on {x.device}")
+    B, Hq, Tq, D, Hkv, G = step_shape(q, dense, hist, length)
     interp = _interpreting()
     dev = q.device
     BH = B * Hkv
@@ -232,8 +211,6 @@ def attend_step(q, scale: float, dense, *, q_rot=None, hist=None, length: int = 
             tiles.append(0)
         else:
             k, v = kv
-            if k.shape[2] != v.shape[2]:
-                raise ValueError(f"k and v of a segment must hold the same tokens, got {k.shape[2]} and {v.shape[2]}")
             seg_args += [k, *k.stride(), v, *v.stride(), k.shape[2]]
             tiles.append(-(-k.shape[2] // BLOCK_N))
     n_own = 0 if dense[2] is None else dense[2][0].shape[2]
