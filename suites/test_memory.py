@@ -62,9 +62,15 @@ def formula_bytes(spec, config, tokens: int, fp_bytes: int, codec_k, codec_v, la
     for span in spans:
         fp_tokens, enc = held_tokens(config, tokens, span)
         total += spec.kv_heads * (enc * per_vec + fp_tokens * spec.head_dim * 2 * fp_bytes)
-        if centered and tokens > config.sinks + (min(config.window, span - 1) if span else config.window):
+        if centered and tokens > config.sinks + window_tokens(config, span):  # a token was encoded
             total += spec.kv_heads * spec.head_dim * 4
     return total
+
+
+def window_tokens(config, span: int = 0) -> int:
+    """Positions a layer's window holds once full: the config's window, at most ``span - 1`` in a
+    sliding-window layer of ``span``."""
+    return min(config.window, span - 1) if span else config.window
 
 
 def held_tokens(config, tokens: int, span: int = 0) -> tuple[int, int]:
@@ -74,10 +80,10 @@ def held_tokens(config, tokens: int, span: int = 0) -> tuple[int, int]:
     if span:
         held = min(tokens, span - 1)
         sinks = max(0, min(tokens, config.sinks) - max(0, tokens - (span - 1)))
-        fp = min(held, sinks + min(config.window, span - 1))
+        fp = min(held, sinks + window_tokens(config, span))
     else:
         held = tokens
-        fp = min(tokens, config.sinks + config.window)
+        fp = min(tokens, config.sinks + window_tokens(config))
     return fp, held - fp
 
 
