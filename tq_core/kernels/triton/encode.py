@@ -417,6 +417,7 @@ def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num
     """Launch shape of an encode of N rows of x (N, D): program count, iterations, constexprs."""
     interp = _interpreting()
     DP = max(16, _next_pow2(D))
+    xp = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[x.dtype]  # bf16 pieces x needs
     if fma is None:
         fma = N <= FMA_ROWS and DP <= 128
     elif fma and DP > 128:
@@ -425,15 +426,13 @@ def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num
         # One row per program, its rotation as float32 products summed per output column: a few
         # microseconds of latency where the tensor-core path spends ~15 on its set-up for 8 rows.
         return {"programs": N, "n_iters": 1,
-                "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP={torch.bfloat16: 1, torch.float16: 2,
-                                                                    torch.float32: 3}[x.dtype],
-                                   BLOCK_R=1, ITERS_CT=1 if interp else 0, INTERP=interp,
-                                   PERM=False, CH=DP, FMA=True),  # R's columns in order: coalesced loads
+                "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP=xp, BLOCK_R=1, ITERS_CT=1 if interp else 0,
+                                   INTERP=interp, PERM=False, CH=DP, FMA=True),  # R's columns in order: coalesced
                 "launch": {} if interp else {"num_warps": num_warps or 8, "num_stages": 1}}
     small = N <= 128 and DP <= 128
     if block_rows is None:
-        # A decode step encodes one token per (batch, KV head): 16-row blocks of 4 warps (measured on
-        # the H200, 64 rows of D = 128: 16 us vs 21 us with 128-row blocks of 8 warps).
+        # A few rows beyond FMA_ROWS (a large batch's decode step): 16-row blocks of 4 warps (measured
+        # on the H200, 64 rows of D = 128: 16 us vs 21 us with 128-row blocks of 8 warps).
         block_rows = 16 if small else 128 if DP <= 128 else 64
     if num_warps is None:
         num_warps = 4 if small else 8
@@ -448,7 +447,6 @@ def _plan(x, N: int, D: int, block_rows=None, num_warps=None, programs=None, num
         programs = _num_sms(x.device) * (1 if DP >= 128 else 2)
     programs = max(1, min(programs, n_blocks))
     n_iters = -(-n_blocks // programs)
-    xp = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[x.dtype]
     return {"programs": programs, "n_iters": n_iters,
             "constexprs": dict(D=D, DP=DP, WREAL=-(-D // 8), XP=xp, BLOCK_R=block_rows,
                                ITERS_CT=n_iters if interp else 0, INTERP=interp,
