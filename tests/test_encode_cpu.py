@@ -23,11 +23,12 @@ from tq_core.kernels import cpu  # noqa: E402
 from tq_core.kvstore import LayerStore  # noqa: E402
 from tq_core.quantizer import TurboQuantizer  # noqa: E402
 
+import kernel_parity as kp  # noqa: E402
+
 OK, WHY = cpu.available()
 if not OK:
     pytest.skip(f"CPU kernel library unavailable: {WHY}", allow_module_level=True)
 
-DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = [
     dict(N=3, D=64, bits=4, x="bf16", nc=True),
     dict(N=64, D=128, bits=2, x="fp32", nc=True, strided=True),
@@ -53,53 +54,18 @@ def _consts(D: int, bits: int, nc: bool):
     return q, rot_t, b, c
 
 
-def _outputs(N: int, nb: int, strided: bool):
-    """(codes, norms, buffers): poisoned outputs, as slots of larger buffers when ``strided``."""
-    if strided:
-        buf = torch.full((N, 3, nb + 4), 0xAB, dtype=torch.uint8)
-        nbuf = torch.full((N, 2), math.nan, dtype=torch.float16)
-        return buf[:, 1, 2:2 + nb], nbuf[:, 1], (buf, nbuf)
-    codes = torch.full((N, nb), 0xAB, dtype=torch.uint8)
-    norms = torch.full((N,), math.nan, dtype=torch.float16)
-    return codes, norms, None
-
-
-def _check_against(q, x, codes, norms, D, bits):
-    ref = q.encode(x, check=False)
-    got = packing.unpack(codes.contiguous(), bits, D).long()
-    want = packing.unpack(ref.codes, bits, D).long()
-    bad = got != want
-    assert int(bad.sum()) <= max(1, 1e-5 * got.numel()), f"{int(bad.sum())} of {got.numel()} codes differ"
-    if bad.any():
-        x64 = x.double()
-        y = (x64 @ torch.tensor(rotation.haar(D, 5)).T) / x64.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        bnd = torch.tensor(q.codebook.boundaries)
-        dist = (y[bad][:, None] - bnd[None, :]).abs().min(dim=1).values
-        assert float(dist.max()) < 1e-5 / math.sqrt(D), f"a flip {float(dist.max()):.3g} away from a boundary"
-    rows_ok = ~bad.any(dim=1)
-    gn, wn = norms.float()[rows_ok], ref.norms.float()[rows_ok]
-    ulp = torch.finfo(torch.float16).eps * wn.abs().clamp_min(2 ** -14)
-    assert bool(((gn - wn).abs() <= ulp).all()), "norms differ by more than one fp16 ulp"
-
-
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_encode_into_matches_quantizer(case):
     N, D, bits = case["N"], case["D"], case["bits"]
     gen = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
-    x = (torch.randn(N, 2 * D, generator=gen) * torch.exp(torch.randn(N, 1, generator=gen))).to(DT[case["x"]])
+    x = (torch.randn(N, 2 * D, generator=gen) * torch.exp(torch.randn(N, 1, generator=gen))).to(kp.DTYPES[case["x"]])
     x = x[:, ::2]  # a column stride of 2: the kernel walks any strides
     q, rot_t, b, c = _consts(D, bits, case["nc"])
-    codes, norms, bufs = _outputs(N, packing.packed_size(D, bits), case.get("strided", False))
+    nb = packing.packed_size(D, bits)
+    codes, norms, buffers = kp.poisoned_outputs(N, nb, case.get("strided", False))
     cpu.encode_into(x, rot_t, b, c, bits=bits, norm_correction=case["nc"], codes_out=codes, norms_out=norms)
-    if bufs is not None:
-        buf, nbuf = bufs
-        nb = codes.shape[1]
-        untouched = torch.cat([buf[:, 0].flatten(), buf[:, 2].flatten(), buf[:, 1, :2].flatten(),
-                               buf[:, 1, 2 + nb:].flatten()])
-        assert bool((untouched == 0xAB).all()), "wrote outside the codes view"
-        assert bool(torch.isnan(nbuf[:, 0]).all()), "wrote outside the norms view"
-    assert not torch.isnan(norms).any()
-    _check_against(q, x, codes, norms, D, bits)
+    kp.check_untouched(nb, buffers)
+    kp.check_encoded(q, x, codes, norms)
 
 
 def test_zero_and_huge_rows_store_what_the_array_ops_store():
@@ -109,7 +75,7 @@ def test_zero_and_huge_rows_store_what_the_array_ops_store():
     q, rot_t, b, c = _consts(D, bits, True)
     x = torch.zeros(2, D)
     x[1] = 1e5
-    codes, norms, _ = _outputs(2, packing.packed_size(D, bits), False)
+    codes, norms, _ = kp.poisoned_outputs(2, packing.packed_size(D, bits), False)
     cpu.encode_into(x, rot_t, b, c, bits=bits, norm_correction=True, codes_out=codes, norms_out=norms)
     ref = q.encode(x, check=False)
     assert torch.equal(codes, ref.codes)
@@ -137,12 +103,12 @@ def test_encode_pair_into_equals_two_single_encodes():
 def test_rejects_bad_inputs():
     D, bits = 64, 4
     _, rot_t, b, c = _consts(D, bits, True)
-    codes, norms, _ = _outputs(4, packing.packed_size(D, bits), False)
+    codes, norms, _ = kp.poisoned_outputs(4, packing.packed_size(D, bits), False)
     x = torch.randn(4, D)
     kw = dict(bits=bits, norm_correction=True, codes_out=codes, norms_out=norms)
     with pytest.raises(ValueError, match="ENCODE_MAX_ROWS"):
         n = cpu.ENCODE_MAX_ROWS + 1
-        big, bign, _ = _outputs(n, codes.shape[1], False)
+        big, bign, _ = kp.poisoned_outputs(n, codes.shape[1], False)
         cpu.encode_into(torch.randn(n, D), rot_t, b, c, **{**kw, "codes_out": big, "norms_out": bign})
     with pytest.raises(ValueError, match="codes_out"):
         cpu.encode_into(x, rot_t, b, c, **{**kw, "codes_out": codes[:, :5]})

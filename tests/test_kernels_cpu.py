@@ -27,6 +27,8 @@ from tq_core import packing, rotation  # noqa: E402
 from tq_core.kernels import cpu  # noqa: E402
 from tq_core.quantizer import Encoded, TurboQuantizer  # noqa: E402
 
+import kernel_parity as kp  # noqa: E402
+
 OK, WHY = cpu.available()
 if not OK:
     pytest.skip(f"CPU attention kernel unavailable: {WHY}", allow_module_level=True)
@@ -347,35 +349,11 @@ def test_attention_step_matches_array_ops(case):
     """View.attend through the C whole call (history kernel + step.c) equals the array-ops path over
     the same stored codes and the decoded reference within the codes' own error, causal among the
     own tokens, for a non-contiguous query."""
-    from tq_core import kernels
-    from tq_core.config import CacheConfig
-    from tq_core.kvstore import LayerStore
-
-    label, dt, B, Hkv, G, held, Tq, D = case
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
-    gen = _seed(*case)
-    store = LayerStore(CacheConfig.parse(label), layer=3, head_dim=D)
-    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2).to(dtype)  # noqa: E731
-    if held:
-        store.update(kv(held), kv(held))
-    q = torch.randn(B, Tq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
-    view = store.update(kv(Tq), kv(Tq))
-    scale = 1.0 / math.sqrt(D)
-    assert kernels.attention_step(store.codec_k, store.codec_v, q, Hkv) is not None
-    fast = view.attend(q, scale, kernel=True)
-    ops_path = view.attend(q, scale, kernel=False)
-    assert fast.dtype == dtype and fast.shape == (B, Hkv * G, Tq, D) and torch.isfinite(fast.float()).all()
-    err = ((fast.double() - ops_path.double()).norm() / ops_path.double().norm()).item()
+    dtype = kp.DTYPES[case[1]]
+    whole_call, fast, err, err_ref = kp.attention_step_errors(case, _seed(*case))
+    assert whole_call
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # 16-bit: one rounding of the output each way
     assert err < tol, f"relative error vs array ops {err:.3g} >= {tol}"
-    k_all, v_all = view.dense(torch.float64, torch.float64)
-    n_all = k_all.shape[2]
-    kr, vr = k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1)
-    s = scale * q.double() @ kr.transpose(-1, -2)
-    own = torch.arange(n_all) >= n_all - Tq
-    causal = ~own[None, :] | (torch.arange(n_all)[None, :] - (n_all - Tq) <= torch.arange(Tq)[:, None])
-    ref = torch.softmax(s.masked_fill(~causal, -math.inf), -1) @ vr
-    err_ref = ((fast.double() - ref).norm() / ref.norm()).item()
     assert err_ref < tol + 1e-6, f"relative error vs decoded reference {err_ref:.3g}"
 
 

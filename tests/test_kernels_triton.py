@@ -53,6 +53,8 @@ from tq_core.kernels.triton import decode_attention as da  # noqa: E402
 from tq_core.kernels.triton import encode as enc  # noqa: E402
 from tq_core.quantizer import TurboQuantizer  # noqa: E402
 
+import kernel_parity as kp  # noqa: E402
+
 DEV = torch.device("cuda" if CUDA else "cpu")
 K_SEED, V_SEED = 101, 202
 
@@ -315,45 +317,17 @@ if CUDA:
 def test_encode_into_matches_quantizer(case):
     N, D, bits = case["N"], case["D"], case["bits"]
     gen = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case["x"]]
-    x = (torch.randn(N, D, generator=gen) * torch.exp(torch.randn(N, 1, generator=gen))).to(dt)
+    x = (torch.randn(N, D, generator=gen) * torch.exp(torch.randn(N, 1, generator=gen))).to(kp.DTYPES[case["x"]])
     q = TurboQuantizer(D, bits, seed=5, norm_correction=case["nc"])
-    ref = q.encode(x, check=False)
     nb = packing.packed_size(D, bits)
-    if case.get("strided"):  # a slot of a (N, 3, bytes + 4) cache buffer, poisoned around it
-        buf = torch.full((N, 3, nb + 4), 0xAB, dtype=torch.uint8, device=DEV)
-        codes = buf[:, 1, 2:2 + nb]
-        nbuf = torch.full((N, 2), math.nan, dtype=torch.float16, device=DEV)
-        norms = nbuf[:, 1]
-    else:
-        buf = codes = torch.full((N, nb), 0xAB, dtype=torch.uint8, device=DEV)
-        nbuf = norms = torch.full((N,), math.nan, dtype=torch.float16, device=DEV)
+    # a slot of a (N, 3, bytes + 4) cache buffer when strided, poisoned around it
+    codes, norms, buffers = kp.poisoned_outputs(N, nb, case.get("strided", False), DEV)
     rot_t = torch.tensor(np.ascontiguousarray(rotation.haar(D, 5).T), dtype=torch.float32, device=DEV)
     c, b = _codebook_tensors(D, bits)
     enc.encode_into(x.to(DEV), rot_t, b, c, bits=bits, norm_correction=case["nc"], codes_out=codes, norms_out=norms,
                     fma=case.get("fma"))
-    if case.get("strided"):
-        untouched = torch.cat([buf[:, 0].flatten(), buf[:, 2].flatten(), buf[:, 1, :2].flatten(), buf[:, 1, 2 + nb:].flatten()])
-        assert bool((untouched == 0xAB).all()), "wrote outside the codes view"
-        assert bool(torch.isnan(nbuf[:, 0]).all()), "wrote outside the norms view"
-    got = packing.unpack(codes.cpu().contiguous(), bits, D).long()
-    want = packing.unpack(ref.codes, bits, D).long()
-    bad = got != want
-    n_bad = int(bad.sum())
-    assert n_bad <= max(1, 1e-5 * got.numel()), f"{n_bad} of {got.numel()} codes differ"
-    if n_bad:
-        # Each flip is a float32 rounding decision: the exact coordinate is within 1e-5 (relative
-        # to the coordinate scale 1/sqrt(D)) of a boundary.
-        x64 = x.double()
-        y = (x64 @ torch.tensor(rotation.haar(D, 5)).T) / x64.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        bnd = torch.tensor(q.codebook.boundaries)
-        dist = (y[bad][:, None] - bnd[None, :]).abs().min(dim=1).values
-        assert float(dist.max()) < 1e-5 / math.sqrt(D), f"a flip {float(dist.max()):.3g} away from a boundary"
-    rows_ok = ~bad.any(dim=1)
-    gn, wn = norms.cpu().float()[rows_ok], ref.norms.float()[rows_ok]
-    ulp = torch.finfo(torch.float16).eps * wn.abs().clamp_min(2 ** -14)
-    assert bool(((gn - wn).abs() <= ulp).all()), "norms differ by more than one fp16 ulp"
-    assert not torch.isnan(norms.cpu()).any()
+    kp.check_untouched(nb, buffers)
+    kp.check_encoded(q, x, codes, norms)
 
 
 def test_encode_into_rejects_bad_buffers():
@@ -420,44 +394,16 @@ def triton_everywhere(monkeypatch):
 def test_attention_step_matches_array_ops(case, triton_everywhere):
     """View.attend through the whole-call kernels equals the array-ops path over the same stored
     codes (and the decoded reference within the codes' own error), causal among the own tokens."""
-    from tq_core.config import CacheConfig
-    from tq_core.kvstore import LayerStore
-
-    label, dt, B, Hkv, G, held, Tq, D = case
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
-    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-    store = LayerStore(CacheConfig.parse(label), layer=3, head_dim=D)
-    kv = lambda n: (torch.randn(B, Hkv, n, D, generator=gen) * 2).to(dtype).to(DEV)  # noqa: E731
-    if held:
-        store.update(kv(held), kv(held))
-    k_new, v_new = kv(Tq), kv(Tq)
-    # A non-contiguous query, as a host library hands it: (B, Tq, Hq, D) transposed.
-    q = (torch.randn(B, Tq, Hkv * G, D, generator=gen)).to(dtype).to(DEV).transpose(1, 2)
-    view = store.update(k_new, v_new)
-    scale = 1.0 / math.sqrt(D)
     from tq_core import kernels
 
-    whole_call = kernels.attention_step(store.codec_k, store.codec_v, q, Hkv) is not None
-    assert whole_call == (D <= kernels.MAX_DIM)
-    fast = view.attend(q, scale, kernel=True)
-    ops_path = view.attend(q, scale, kernel=False)
-    assert fast.dtype == dtype and fast.shape == (B, Hkv * G, Tq, D)
-    assert torch.isfinite(fast.float()).all()
-    err = ((fast.double() - ops_path.double()).norm() / ops_path.double().norm()).item()
+    dtype = kp.DTYPES[case[1]]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    whole_call, fast, err, err_ref = kp.attention_step_errors(case, gen, DEV)
+    assert whole_call == (case[7] <= kernels.MAX_DIM)
     # fp32: fp32 products both ways; 16-bit: queries rotated to 16 bits and fp16 tensor-core operands
     # for the history, then one rounding of the output to the model's dtype.
     tol = 1e-5 if dtype == torch.float32 else 1.5e-2
     assert err < tol, f"relative error vs array ops {err:.3g} >= {tol}"
-    # The decoded reference: softmax over sinks | history decoded | window | own tokens (causal).
-    k_all, v_all = view.dense(torch.float64, torch.float64)
-    n_all = k_all.shape[2]
-    kr, vr = k_all.repeat_interleave(G, 1), v_all.repeat_interleave(G, 1)
-    s = scale * q.double() @ kr.transpose(-1, -2)
-    own = torch.arange(n_all) >= n_all - Tq
-    t = torch.arange(Tq)[:, None]
-    causal = ~own[None, :] | (torch.arange(n_all)[None, :] - (n_all - Tq) <= t)
-    ref = torch.softmax(s.masked_fill(~causal.to(DEV), -math.inf), -1) @ vr
-    err_ref = ((fast.double() - ref).norm() / ref.norm()).item()
     assert err_ref < tol + 1e-3 * (dtype != torch.float32) + 1e-6, f"relative error vs decoded reference {err_ref:.3g}"
 
 
