@@ -445,7 +445,7 @@ class View:
         use_kernel = (self.store.attention == "auto") if kernel is None else kernel
         new = self.new if self.new is None else (centered(self.new[0], self.center_k), self.new[1])
         if use_kernel and mask is None:
-            # The whole call in the device's fused kernels, where it has them (CUDA).
+            # The whole call in the device's fused kernels, where it has them (Triton on CUDA, C on CPU).
             step = self.store.attention_step(q, h)
             if step is not None:
                 dense = tuple(None if kv[0] is None else kv for kv in (
